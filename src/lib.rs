@@ -1,0 +1,15 @@
+//! secretfs: a Kubernetes CSI node driver that serves secrets as read-only files through
+//! FUSE, from memory the kernel keeps out of the page cache, swap and core dumps.
+//!
+//! Data flows one way: CSI request ([`csi`]) → class ([`class`]) → provider ([`provider`]) →
+//! secret memory ([`secret_mem`]) → FUSE view ([`fs`]), orchestrated per volume by [`volume`].
+
+pub mod class;
+pub mod csi;
+pub mod fs;
+pub mod grpc_uds;
+pub mod hardening;
+pub mod proto;
+pub mod provider;
+pub mod secret_mem;
+pub mod volume;

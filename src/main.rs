@@ -1,0 +1,205 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use secretfs::class::{ClassSource, DirSource};
+use secretfs::csi::{IdentityService, NodeService};
+use secretfs::provider::ProviderClient;
+use secretfs::provider::example::{self, ExampleProvider};
+use secretfs::volume::Manager;
+
+#[derive(Parser)]
+#[command(
+    name = "secretfs",
+    version,
+    about = "CSI node driver serving secrets from locked memory through FUSE"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the CSI node plugin.
+    Serve(ServeArgs),
+    /// Run the driver and an example provider in-process, publish a volume as kubelet
+    /// would, show it, and clean up (needs root and /dev/fuse).
+    Demo,
+    /// Run the example provider plugin, serving the secrets described in a YAML file.
+    ExampleProvider {
+        /// Unix socket to listen on, normally <provider dir>/<name>.sock.
+        #[arg(long)]
+        socket: PathBuf,
+        /// YAML file with the secrets to serve (re-read on every Mount call).
+        #[arg(long)]
+        secrets: PathBuf,
+        /// Add request.json (what the driver sent) to every response; for tests.
+        #[arg(long)]
+        echo_request: bool,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// CSI endpoint: unix:///path/to/csi.sock.
+    #[arg(long, default_value = "unix:///run/secretfs/csi.sock")]
+    endpoint: String,
+    /// This node's name, reported by NodeGetInfo.
+    #[arg(long, alias = "nodeid")]
+    node_id: String,
+    /// Driver name reported by GetPluginInfo (pods name it in `csi.driver`).
+    #[arg(long, alias = "drivername", default_value = "secretfs.csi.io")]
+    driver_name: String,
+    /// Directory holding provider plugin sockets (<dir>/<provider>.sock); repeatable.
+    #[arg(
+        long = "provider-dir",
+        alias = "provider-volume",
+        default_value = "/var/run/secrets-store-csi-providers"
+    )]
+    provider_dirs: Vec<PathBuf>,
+    /// Standalone mode: read SecretProviderClass objects from *.yaml/*.yml files here.
+    #[arg(long)]
+    class_dir: Option<PathBuf>,
+    /// Directory for non-secret driver state.
+    #[arg(long, default_value = "/var/lib/secretfs")]
+    state_dir: PathBuf,
+    /// How often volumes are refreshed from their provider (e.g. 30s, 2m; 0 = off).
+    #[arg(long, default_value = "2m", value_parser = parse_interval)]
+    rotation_interval: Duration,
+    /// Largest total size of one volume's files, in bytes.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    max_volume_bytes: usize,
+    /// Deadline for one provider Mount call (e.g. 30s).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    provider_timeout: Duration,
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let socket = secretfs::grpc_uds::socket_path(&args.endpoint)?;
+    std::fs::create_dir_all(&args.state_dir)
+        .map_err(|e| format!("--state-dir {}: {e}", args.state_dir.display()))?;
+    let classes: Arc<dyn ClassSource> = match &args.class_dir {
+        Some(dir) => Arc::new(DirSource::new(dir)),
+        None => {
+            return Err(
+                "--class-dir is required: the Kubernetes API class source is not built yet".into(),
+            );
+        }
+    };
+    let provider = ProviderClient {
+        dirs: args.provider_dirs.clone(),
+        timeout: args.provider_timeout,
+        max_volume_bytes: args.max_volume_bytes,
+    };
+    tracing::info!(
+        driver = %args.driver_name,
+        node = %args.node_id,
+        providers = ?args.provider_dirs,
+        rotation_interval = ?args.rotation_interval,
+        memory = secretfs::secret_mem::Region::preferred_kind().as_str(),
+        "starting secretfs"
+    );
+    let manager = Arc::new(Manager::new(classes, provider));
+    secretfs::csi::serve(
+        &socket,
+        IdentityService::new(&args.driver_name),
+        NodeService::new(&args.node_id, manager),
+        shutdown_signal(),
+    )
+    .await?;
+    // Published volumes stay mounted for the next driver process to take over.
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    if let Err(e) = secretfs::hardening::harden_process() {
+        eprintln!("secretfs: cannot harden the process: {e}");
+        return ExitCode::FAILURE;
+    }
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("secretfs: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Demo => Err("demo: not built yet".into()),
+            Command::ExampleProvider {
+                socket,
+                secrets,
+                echo_request,
+            } => {
+                example::serve(
+                    &socket,
+                    ExampleProvider::new(secrets, echo_request),
+                    shutdown_signal(),
+                )
+                .await
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("secretfs: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

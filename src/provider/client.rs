@@ -1,0 +1,200 @@
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretBox};
+use zeroize::Zeroize;
+
+use super::Error;
+use super::validate::{check_paths, file_mode, provider_name_ok};
+use crate::proto::provider::{
+    MountRequest, MountResponse, ObjectVersion as WireVersion,
+    csi_driver_provider_client::CsiDriverProviderClient,
+};
+use crate::secret_mem::{ObjectVersion, Snapshot, SnapshotBuilder};
+
+/// Room in a Mount response for everything but file contents (paths, modes, versions).
+const RESPONSE_OVERHEAD: usize = 256 * 1024;
+
+/// Calls provider plugins at `<dir>/<name>.sock`.
+#[derive(Clone, Debug)]
+pub struct ProviderClient {
+    pub dirs: Vec<PathBuf>,
+    pub timeout: Duration,
+    pub max_volume_bytes: usize,
+}
+
+/// What one Mount call sends.
+pub struct MountCall<'a> {
+    pub provider: &'a str,
+    /// JSON object: class parameters merged with the volume context (may carry tokens).
+    pub attributes: SecretBox<String>,
+    /// JSON object of the nodePublishSecretRef data (`{}` when none).
+    pub secrets: SecretBox<String>,
+    pub target_path: &'a Path,
+    /// Default file mode, e.g. 0o644.
+    pub permission: u32,
+    pub current: &'a [ObjectVersion],
+}
+
+/// A Mount response whose file contents are wiped when it goes out of scope, on every path.
+struct Wiped(MountResponse);
+
+impl Drop for Wiped {
+    fn drop(&mut self) {
+        for f in &mut self.0.files {
+            f.contents.zeroize();
+        }
+    }
+}
+
+impl ProviderClient {
+    /// The socket of `provider`: the first `<dir>/<provider>.sock` that exists.
+    pub fn socket_for(&self, provider: &str) -> Result<PathBuf, Error> {
+        if !provider_name_ok(provider) {
+            return Err(Error::InvalidName(provider.to_string()));
+        }
+        let file = format!("{provider}.sock");
+        self.dirs
+            .iter()
+            .map(|d| d.join(&file))
+            .find(|p| p.exists())
+            .ok_or_else(|| Error::SocketMissing {
+                provider: provider.to_string(),
+                dirs: self
+                    .dirs
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// Fetches a volume's files and copies them into a new secret-memory snapshot.
+    pub async fn mount(&self, call: MountCall<'_>) -> Result<Snapshot, Error> {
+        let provider = call.provider.to_string();
+        let socket = self.socket_for(&provider)?;
+        let request = MountRequest {
+            attributes: call.attributes.expose_secret().to_string(),
+            secrets: call.secrets.expose_secret().to_string(),
+            target_path: call.target_path.display().to_string(),
+            permission: call.permission.to_string(),
+            current_object_version: call
+                .current
+                .iter()
+                .map(|v| WireVersion {
+                    id: v.id.clone(),
+                    version: v.version.clone(),
+                })
+                .collect(),
+        };
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(self.timeout);
+        let timeout_err = || Error::Timeout {
+            provider: provider.clone(),
+            secs: self.timeout.as_secs(),
+        };
+        let call_fut = async {
+            let channel =
+                crate::grpc_uds::connect(&socket)
+                    .await
+                    .map_err(|e| Error::Unreachable {
+                        provider: provider.clone(),
+                        reason: format!("{}: {}", socket.display(), source_chain(&e)),
+                    })?;
+            CsiDriverProviderClient::new(channel)
+                .max_decoding_message_size(self.max_volume_bytes + RESPONSE_OVERHEAD)
+                .mount(request)
+                .await
+                .map_err(|status| self.status_error(&provider, status))
+        };
+        let response = tokio::time::timeout(self.timeout, call_fut)
+            .await
+            .map_err(|_| timeout_err())??;
+        self.to_snapshot(&provider, Wiped(response.into_inner()))
+    }
+
+    fn status_error(&self, provider: &str, status: tonic::Status) -> Error {
+        let provider = provider.to_string();
+        match status.code() {
+            tonic::Code::Unavailable => Error::Unreachable {
+                provider,
+                reason: status.message().to_string(),
+            },
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => Error::Timeout {
+                provider,
+                secs: self.timeout.as_secs(),
+            },
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+                if status.message().contains("message length too large") =>
+            {
+                Error::TooLarge {
+                    provider,
+                    limit: self.max_volume_bytes,
+                }
+            }
+            code => Error::Call {
+                provider,
+                code,
+                message: status.message().to_string(),
+            },
+        }
+    }
+
+    fn to_snapshot(&self, provider: &str, response: Wiped) -> Result<Snapshot, Error> {
+        let resp = &response.0;
+        let invalid = |reason: String| Error::InvalidResponse {
+            provider: provider.to_string(),
+            reason,
+        };
+        if let Some(code) = resp
+            .error
+            .as_ref()
+            .map(|e| &e.code)
+            .filter(|c| !c.is_empty())
+        {
+            return Err(Error::Provider {
+                provider: provider.to_string(),
+                code: code.clone(),
+            });
+        }
+        if resp.object_version.is_empty() {
+            return Err(invalid("object_version is empty".into()));
+        }
+        check_paths(resp.files.iter().map(|f| f.path.as_str())).map_err(invalid)?;
+        let total = resp
+            .files
+            .iter()
+            .try_fold(0usize, |sum, f| sum.checked_add(f.contents.len()))
+            .filter(|t| *t <= self.max_volume_bytes)
+            .ok_or_else(|| Error::TooLarge {
+                provider: provider.to_string(),
+                limit: self.max_volume_bytes,
+            })?;
+        let mut builder = SnapshotBuilder::new(total)?;
+        for f in &resp.files {
+            builder.add(f.path.clone(), file_mode(f.mode), &f.contents)?;
+        }
+        let versions = resp
+            .object_version
+            .iter()
+            .map(|v| ObjectVersion {
+                id: v.id.clone(),
+                version: v.version.clone(),
+            })
+            .collect();
+        Ok(builder.finish(versions))
+        // `response` drops here and wipes every contents buffer.
+    }
+}
+
+/// An error and its sources on one line (tonic's transport errors hide the cause).
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        cur = s.source();
+    }
+    text
+}

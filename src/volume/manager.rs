@@ -1,0 +1,318 @@
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use tokio::sync::Mutex;
+
+use super::{Error, target};
+use crate::class::ClassSource;
+use crate::fs;
+use crate::provider::{MountCall, ProviderClient, validate::DEFAULT_MODE};
+use crate::secret_mem::{MemoryKind, SecretMap, Snapshot, secret_json};
+
+/// What kubelet asks to publish, already validated by the CSI layer.
+#[derive(Debug)]
+pub struct PublishRequest {
+    pub volume_id: String,
+    pub target: PathBuf,
+    pub class_name: String,
+    pub namespace: String,
+    pub pod_name: String,
+    /// The whole volume context; passed to the provider with the class parameters. May hold
+    /// service-account tokens.
+    pub context: SecretMap,
+    /// The nodePublishSecretRef data.
+    pub secrets: SecretMap,
+}
+
+struct Volume {
+    target: PathBuf,
+    namespace: String,
+    pod_name: String,
+    class: String,
+    provider: String,
+    mounted: fs::Mounted,
+    published_at: SystemTime,
+}
+
+/// A published volume as the outside sees it (no secret bytes).
+#[derive(Clone, Debug)]
+pub struct VolumeInfo {
+    pub volume_id: String,
+    pub target: PathBuf,
+    pub namespace: String,
+    pub pod_name: String,
+    pub class: String,
+    pub provider: String,
+    pub files: Vec<(String, u32, usize)>,
+    pub versions: Vec<(String, String)>,
+    pub memory_kind: MemoryKind,
+    pub memory_bytes: usize,
+    pub open_handles: usize,
+    pub published_at: SystemTime,
+}
+
+/// The registry of published volumes and their lifecycle.
+pub struct Manager {
+    classes: Arc<dyn ClassSource>,
+    provider: ProviderClient,
+    volumes: DashMap<String, Volume>,
+    /// target path → volume id, reserved before a publish starts.
+    targets: DashMap<PathBuf, String>,
+    locks: DashMap<String, Arc<Mutex<()>>>,
+}
+
+/// Releases a target reservation (and the directory this call created) unless disarmed.
+struct Reservation<'a> {
+    manager: &'a Manager,
+    target: &'a Path,
+    created_dir: bool,
+    armed: bool,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            if self.created_dir {
+                let _ = target::remove(self.target);
+            }
+            self.manager.targets.remove(self.target);
+        }
+    }
+}
+
+impl Manager {
+    pub fn new(classes: Arc<dyn ClassSource>, provider: ProviderClient) -> Self {
+        Manager {
+            classes,
+            provider,
+            volumes: DashMap::new(),
+            targets: DashMap::new(),
+            locks: DashMap::new(),
+        }
+    }
+
+    fn lock_for(&self, volume_id: &str) -> Arc<Mutex<()>> {
+        Arc::clone(self.locks.entry(volume_id.to_string()).or_default().value())
+    }
+
+    fn forget_lock(&self, volume_id: &str) {
+        self.locks
+            .remove_if(volume_id, |_, l| Arc::strong_count(l) == 1);
+    }
+
+    /// Publishes a volume. Publishing the same volume at the same target again is a no-op.
+    pub async fn publish(&self, req: PublishRequest) -> Result<(), Error> {
+        let lock = self.lock_for(&req.volume_id);
+        let result = {
+            let _serial = lock.lock().await;
+            self.publish_locked(&req).await
+        };
+        drop(lock);
+        if result.is_err() {
+            self.forget_lock(&req.volume_id);
+        }
+        result
+    }
+
+    async fn publish_locked(&self, req: &PublishRequest) -> Result<(), Error> {
+        if let Some(existing) = self.volumes.get(&req.volume_id) {
+            return if existing.target == req.target {
+                tracing::debug!(volume_id = %req.volume_id, "already published; nothing to do");
+                Ok(())
+            } else {
+                Err(Error::AlreadyExists(format!(
+                    "volume_id {} is already published at target_path {}",
+                    req.volume_id,
+                    existing.target.display()
+                )))
+            };
+        }
+        match self.targets.entry(req.target.clone()) {
+            Entry::Occupied(e) => {
+                return Err(Error::AlreadyExists(format!(
+                    "target_path {} is already used by volume_id {}",
+                    req.target.display(),
+                    e.get()
+                )));
+            }
+            Entry::Vacant(e) => {
+                e.insert(req.volume_id.clone());
+            }
+        }
+        let mut reservation = Reservation {
+            manager: self,
+            target: &req.target,
+            created_dir: false,
+            armed: true,
+        };
+        let started = Instant::now();
+        let class = self.classes.lookup(&req.namespace, &req.class_name).await?;
+        reservation.created_dir = target::prepare(&req.target)?;
+
+        let attributes = secret_json(
+            class
+                .parameters
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .chain(req.context.iter()),
+        );
+        let snapshot = self
+            .provider
+            .mount(MountCall {
+                provider: &class.provider,
+                attributes,
+                secrets: secret_json(req.secrets.iter()),
+                target_path: &req.target,
+                permission: DEFAULT_MODE,
+                current: &[],
+            })
+            .await?;
+        if target::scrub_provider_writes(&req.target) {
+            return Err(Error::ProviderWroteFiles {
+                provider: class.provider.clone(),
+            });
+        }
+        let fetched = started.elapsed();
+        let snapshot = Arc::new(snapshot);
+        let mounted = self.mount(&req.target, Arc::clone(&snapshot)).await?;
+        reservation.armed = false;
+        tracing::info!(
+            volume_id = %req.volume_id,
+            target = %req.target.display(),
+            pod = %format!("{}/{}", req.namespace, req.pod_name),
+            class = %class.name,
+            provider = %class.provider,
+            files = snapshot.files().len(),
+            memory = snapshot.memory_kind().as_str(),
+            fetch_ms = fetched.as_secs_f64() * 1e3,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            "volume published"
+        );
+        self.volumes.insert(
+            req.volume_id.clone(),
+            Volume {
+                target: req.target.clone(),
+                namespace: req.namespace.clone(),
+                pod_name: req.pod_name.clone(),
+                class: class.name,
+                provider: class.provider,
+                mounted,
+                published_at: SystemTime::now(),
+            },
+        );
+        Ok(())
+    }
+
+    async fn mount(&self, target: &Path, snapshot: Arc<Snapshot>) -> Result<fs::Mounted, Error> {
+        let target = target.to_path_buf();
+        tokio::task::spawn_blocking(move || fs::mount(&target, snapshot))
+            .await
+            .map_err(|e| Error::Internal(format!("mount task: {e}")))?
+            .map_err(Error::from)
+    }
+
+    /// Unpublishes a volume: unmounts it and removes the target directory. Unknown volumes and
+    /// already removed targets are fine; a secretfs mount at the target that this process does
+    /// not know (left by an earlier process) is detached too.
+    pub async fn unpublish(&self, volume_id: &str, target_path: &Path) -> Result<(), Error> {
+        let lock = self.lock_for(volume_id);
+        let result = {
+            let _serial = lock.lock().await;
+            self.unpublish_locked(volume_id, target_path).await
+        };
+        drop(lock);
+        self.forget_lock(volume_id);
+        result
+    }
+
+    async fn unpublish_locked(&self, volume_id: &str, target_path: &Path) -> Result<(), Error> {
+        let volume = self
+            .volumes
+            .remove_if(volume_id, |_, v| v.target == target_path)
+            .map(|(_, v)| v);
+        let target = target_path.to_path_buf();
+        let had_volume = volume.is_some();
+        tokio::task::spawn_blocking(move || -> Result<(), Error> {
+            match volume {
+                Some(v) => v.mounted.unmount()?,
+                None => {
+                    if fs::fstype_at(&target).as_deref() == Some(fs::FSTYPE) {
+                        fs::detach(&target).map_err(|source| fs::Error::Unmount {
+                            target: target.clone(),
+                            source,
+                        })?;
+                    }
+                }
+            }
+            target::remove(&target)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("unmount task: {e}")))??;
+        if had_volume {
+            self.targets.remove(target_path);
+            tracing::info!(volume_id, target = %target_path.display(), "volume unpublished");
+        }
+        Ok(())
+    }
+
+    /// Every published volume.
+    pub fn list(&self) -> Vec<VolumeInfo> {
+        let mut out: Vec<VolumeInfo> = self
+            .volumes
+            .iter()
+            .map(|e| {
+                let v = e.value();
+                let snap = v.mounted.snapshot();
+                VolumeInfo {
+                    volume_id: e.key().clone(),
+                    target: v.target.clone(),
+                    namespace: v.namespace.clone(),
+                    pod_name: v.pod_name.clone(),
+                    class: v.class.clone(),
+                    provider: v.provider.clone(),
+                    files: snap
+                        .files()
+                        .iter()
+                        .map(|f| (f.path.clone(), f.mode, f.bytes.len()))
+                        .collect(),
+                    versions: snap
+                        .versions()
+                        .iter()
+                        .map(|o| (o.id.clone(), o.version.clone()))
+                        .collect(),
+                    memory_kind: snap.memory_kind(),
+                    memory_bytes: snap.region_bytes(),
+                    open_handles: v.mounted.open_handles(),
+                    published_at: v.published_at,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
+        out
+    }
+
+    /// Unmounts every volume (used by the demo and tests; the daemon leaves mounts on
+    /// shutdown).
+    pub async fn unpublish_all(&self) {
+        let all: Vec<(String, PathBuf)> = self
+            .volumes
+            .iter()
+            .map(|e| (e.key().clone(), e.value().target.clone()))
+            .collect();
+        for (id, target) in all {
+            if let Err(e) = self.unpublish(&id, &target).await {
+                tracing::warn!(volume_id = %id, error = %e, "unpublish failed");
+            }
+        }
+    }
+}
+
+/// Keys the CSI layer reads from the volume context.
+pub mod context {
+    pub const CLASS: &str = "secretProviderClass";
+    pub const POD_NAME: &str = "csi.storage.k8s.io/pod.name";
+    pub const POD_NAMESPACE: &str = "csi.storage.k8s.io/pod.namespace";
+}

@@ -1,0 +1,33 @@
+//! The registry of published volumes and the publish/unpublish lifecycle.
+//!
+//! Publish: class → provider → secret memory → FUSE mount at the target; unpublish undoes it.
+//! Both are idempotent as the CSI spec demands, calls for one volume are serialized, and calls
+//! for different volumes run in parallel.
+
+mod manager;
+mod target;
+
+pub use manager::{Manager, PublishRequest, VolumeInfo, context};
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error(transparent)]
+    Class(#[from] crate::class::Error),
+    #[error(transparent)]
+    Provider(#[from] crate::provider::Error),
+    #[error(transparent)]
+    Mount(#[from] crate::fs::Error),
+    #[error("target_path {path}: {reason}")]
+    Target { path: PathBuf, reason: String },
+    #[error(
+        "provider {provider} wrote files into target_path; secretfs serves only contents returned in the Mount response \
+         (run the provider in driver-writes-secrets mode); the files were wiped and removed"
+    )]
+    ProviderWroteFiles { provider: String },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
