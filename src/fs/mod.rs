@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
 
-pub use mounts::{FSTYPE, detach, fstype_at, mount_table};
+pub use mounts::{FSNAME, MountEntry, detach, mount_at, mount_table};
 use volume_fs::{State, View, VolumeFs};
 
 use crate::secret_mem::Snapshot;
@@ -44,8 +44,8 @@ pub struct Mounted {
 fn config() -> Config {
     let mut config = Config::default();
     config.mount_options = vec![
-        MountOption::FSName("secretfs".into()),
-        MountOption::Subtype("secretfs".into()),
+        MountOption::FSName(FSNAME.into()),
+        MountOption::Subtype(FSNAME.into()),
         MountOption::RO,
         MountOption::NoSuid,
         MountOption::NoDev,

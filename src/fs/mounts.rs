@@ -2,8 +2,24 @@
 
 use std::path::{Path, PathBuf};
 
-/// The filesystem type secretfs mounts carry in the mount table.
-pub const FSTYPE: &str = "fuse.secretfs";
+/// The source (`fsname`) secretfs mounts carry in the mount table; their type is `fuse`
+/// (the subtype is not recorded when mounting with `mount(2)` directly).
+pub const FSNAME: &str = "secretfs";
+
+/// One line of the mount table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountEntry {
+    pub path: PathBuf,
+    pub fstype: String,
+    pub source: String,
+}
+
+impl MountEntry {
+    /// Whether this is a secretfs FUSE mount.
+    pub fn is_secretfs(&self) -> bool {
+        self.source == FSNAME && (self.fstype == "fuse" || self.fstype.starts_with("fuse."))
+    }
+}
 
 /// Decodes the octal escapes (`\040` for a space) the kernel uses in mountinfo paths.
 fn unescape(field: &str) -> PathBuf {
@@ -31,31 +47,34 @@ fn unescape(field: &str) -> PathBuf {
     PathBuf::from(std::ffi::OsString::from_vec(out))
 }
 
-/// Mount points and filesystem types from a mountinfo text.
-fn parse(text: &str) -> Vec<(PathBuf, String)> {
+/// The entries of a mountinfo text.
+fn parse(text: &str) -> Vec<MountEntry> {
     text.lines()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split(' ').collect();
             let sep = fields.iter().position(|f| *f == "-")?;
-            Some((unescape(fields.get(4)?), fields.get(sep + 1)?.to_string()))
+            Some(MountEntry {
+                path: unescape(fields.get(4)?),
+                fstype: fields.get(sep + 1)?.to_string(),
+                source: fields
+                    .get(sep + 2)
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
+            })
         })
         .collect()
 }
 
-/// Every mount point in this process's mount namespace, with its filesystem type.
-pub fn mount_table() -> Vec<(PathBuf, String)> {
+/// Every mount in this process's mount namespace.
+pub fn mount_table() -> Vec<MountEntry> {
     std::fs::read_to_string("/proc/self/mountinfo")
         .map(|t| parse(&t))
         .unwrap_or_default()
 }
 
-/// The filesystem type mounted at exactly `path` (the topmost one), if any.
-pub fn fstype_at(path: &Path) -> Option<String> {
-    mount_table()
-        .into_iter()
-        .rev()
-        .find(|(p, _)| p == path)
-        .map(|(_, t)| t)
+/// The mount at exactly `path` (the topmost one), if any.
+pub fn mount_at(path: &Path) -> Option<MountEntry> {
+    mount_table().into_iter().rev().find(|m| m.path == path)
 }
 
 /// Lazily unmounts `path` (MNT_DETACH): it leaves the namespace at once even if busy.
@@ -81,18 +100,23 @@ mod tests {
 
     #[test]
     fn parses_mountinfo_with_escapes() {
-        let text = "36 35 98:0 / /mnt/a\\040b rw,noatime master:1 - fuse.secretfs secretfs ro\n\
+        let text = "36 35 98:0 / /mnt/a\\040b rw,noatime master:1 - fuse secretfs ro\n\
                     37 35 98:0 / /proc rw - proc proc rw\n";
         let t = parse(text);
-        assert_eq!(t[0], (PathBuf::from("/mnt/a b"), FSTYPE.to_string()));
-        assert_eq!(t[1].1, "proc");
+        assert_eq!(t[0].path, PathBuf::from("/mnt/a b"));
+        assert!(t[0].is_secretfs());
+        assert_eq!(t[1].fstype, "proc");
+        assert!(!t[1].is_secretfs());
     }
 
     #[test]
     fn proc_is_listed_and_detaching_a_plain_dir_is_ok() {
-        assert_eq!(fstype_at(Path::new("/proc")).as_deref(), Some("proc"));
+        assert_eq!(
+            mount_at(Path::new("/proc")).map(|m| m.fstype).as_deref(),
+            Some("proc")
+        );
         let dir = tempfile::tempdir().expect("tempdir");
-        assert!(fstype_at(dir.path()).is_none());
+        assert!(mount_at(dir.path()).is_none());
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {
             detach(dir.path()).expect("not a mount point is fine");

@@ -239,7 +239,7 @@ impl Manager {
             match volume {
                 Some(v) => v.mounted.unmount()?,
                 None => {
-                    if fs::fstype_at(&target).as_deref() == Some(fs::FSTYPE) {
+                    if fs::mount_at(&target).is_some_and(|m| m.is_secretfs()) {
                         fs::detach(&target).map_err(|source| fs::Error::Unmount {
                             target: target.clone(),
                             source,

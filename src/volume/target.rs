@@ -5,7 +5,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
 use super::Error;
-use crate::fs::{FSTYPE, detach, fstype_at};
+use crate::fs::{detach, mount_at};
 
 fn target_err(path: &Path, reason: impl Into<String>) -> Error {
     Error::Target {
@@ -17,8 +17,8 @@ fn target_err(path: &Path, reason: impl Into<String>) -> Error {
 /// Makes `target` an empty directory ready to mount on; returns whether this call created it.
 /// A secretfs mount left there by an earlier driver process (not in the registry) is detached.
 pub fn prepare(target: &Path) -> Result<bool, Error> {
-    match fstype_at(target) {
-        Some(t) if t == FSTYPE => {
+    match mount_at(target) {
+        Some(m) if m.is_secretfs() => {
             tracing::warn!(target = %target.display(), "detaching a stale secretfs mount left by an earlier driver process");
             detach(target)
                 .map_err(|e| target_err(target, format!("detaching stale mount: {e}")))?;
@@ -26,7 +26,7 @@ pub fn prepare(target: &Path) -> Result<bool, Error> {
         Some(other) => {
             return Err(target_err(
                 target,
-                format!("is already a mount point ({other})"),
+                format!("is already a mount point ({})", other.fstype),
             ));
         }
         None => {}
