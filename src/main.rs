@@ -150,11 +150,12 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send +
     secretfs::csi::serve(
         &socket,
         IdentityService::new(&args.driver_name),
-        NodeService::new(&args.node_id, manager),
+        NodeService::new(&args.node_id, Arc::clone(&manager)),
         shutdown_signal(),
     )
     .await?;
     // Published volumes stay mounted for the next driver process to take over.
+    manager.leave_all_mounted();
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }

@@ -99,6 +99,15 @@ impl Mounted {
         self.detach()
     }
 
+    /// Leaves the mount in place without serving it any more (process shutdown: the next
+    /// driver process takes over the target). Readers see ENOTCONN until then.
+    pub fn leave(mut self) {
+        if let Some(session) = self.session.take() {
+            // Dropping the session would unmount; forgetting it keeps the mount.
+            std::mem::forget(session);
+        }
+    }
+
     fn detach(&mut self) -> Result<(), Error> {
         let Some(session) = self.session.take() else {
             return Ok(());

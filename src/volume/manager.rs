@@ -294,8 +294,19 @@ impl Manager {
         out
     }
 
-    /// Unmounts every volume (used by the demo and tests; the daemon leaves mounts on
-    /// shutdown).
+    /// On shutdown: forgets every volume without unmounting it, so that pods keep their
+    /// mount points for the next driver process.
+    pub fn leave_all_mounted(&self) {
+        let ids: Vec<String> = self.volumes.iter().map(|e| e.key().clone()).collect();
+        for id in ids {
+            if let Some((_, v)) = self.volumes.remove(&id) {
+                tracing::info!(volume_id = %id, target = %v.target.display(), "leaving volume mounted for the next driver process");
+                v.mounted.leave();
+            }
+        }
+    }
+
+    /// Unmounts every volume (used by the demo; the daemon leaves mounts on shutdown).
     pub async fn unpublish_all(&self) {
         let all: Vec<(String, PathBuf)> = self
             .volumes
