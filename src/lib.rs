@@ -6,6 +6,7 @@
 
 pub mod class;
 pub mod csi;
+pub mod demo;
 pub mod fs;
 pub mod grpc_uds;
 pub mod hardening;

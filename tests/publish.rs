@@ -216,37 +216,8 @@ async fn volume_is_read_only() {
     env.unpublish("vol-ro", &target).await.expect("unpublish");
 }
 
-/// Pages of `fd`'s file in the page cache, by cachestat(2) (syscall 451).
 fn cached_pages(fd: &std::fs::File) -> u64 {
-    #[repr(C)]
-    struct Range {
-        off: u64,
-        len: u64,
-    }
-    #[repr(C)]
-    #[derive(Default)]
-    struct Stat {
-        nr_cache: u64,
-        nr_dirty: u64,
-        nr_writeback: u64,
-        nr_evicted: u64,
-        nr_recently_evicted: u64,
-    }
-    use std::os::fd::AsRawFd;
-    let range = Range { off: 0, len: 0 };
-    let mut stat = Stat::default();
-    // SAFETY: valid fd and pointers to properly laid out structs.
-    let rc = unsafe {
-        libc::syscall(
-            451,
-            fd.as_raw_fd(),
-            &range as *const Range,
-            &mut stat as *mut Stat,
-            0,
-        )
-    };
-    assert_eq!(rc, 0, "cachestat: {}", std::io::Error::last_os_error());
-    stat.nr_cache
+    secretfs::fs::cached_pages(fd).expect("cachestat")
 }
 
 /// Polls until `fd`'s file has no cached page, for at most 2 s; returns what it saw last.
@@ -490,4 +461,44 @@ async fn secrets_from_the_request_reach_the_provider_as_json() {
     assert_eq!(sent["secrets"]["clientid"], "id-1");
     assert_eq!(sent["secrets"]["clientsecret"], "s\"ecret");
     env.unpublish("vol-s", &target).await.expect("unpublish");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_pages_are_unreadable_even_to_root() {
+    let Some(env) = Env::start(&secrets_yaml()) else {
+        return;
+    };
+    let target = env.target("pod-mem");
+    env.publish("vol-mem", &target).await.expect("publish");
+    let pid = env.driver_pid();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let regions: Vec<(u64, u64)> = maps
+        .lines()
+        .filter(|l| l.contains("secretmem"))
+        .filter_map(|l| {
+            let (lo, hi) = l.split_whitespace().next()?.split_once('-')?;
+            Some((
+                u64::from_str_radix(lo, 16).ok()?,
+                u64::from_str_radix(hi, 16).ok()?,
+            ))
+        })
+        .collect();
+    assert!(
+        !regions.is_empty(),
+        "no memfd_secret mapping in the driver:\n{maps}"
+    );
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("open /proc/PID/mem");
+    for (lo, hi) in regions {
+        let mut buf = vec![0u8; (hi - lo) as usize];
+        let err = mem
+            .read_exact_at(&mut buf, lo)
+            .expect_err("root read secret memory");
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    }
+    // The files are still served.
+    assert_eq!(
+        std::fs::read(target.join("username")).expect("read"),
+        b"admin"
+    );
+    env.unpublish("vol-mem", &target).await.expect("unpublish");
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
 
-pub use mounts::{FSNAME, MountEntry, detach, mount_at, mount_table};
+pub use mounts::{FSNAME, MountEntry, cached_pages, detach, mount_at, mount_table};
 use volume_fs::{State, View, VolumeFs};
 
 use crate::secret_mem::Snapshot;

@@ -94,6 +94,44 @@ pub fn detach(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Pages of `file`'s contents in the page cache, by `cachestat(2)`. Use an fd opened before
+/// the reads in question: opening a FUSE file drops its cache, so a later probe sees nothing.
+pub fn cached_pages(file: &std::fs::File) -> std::io::Result<u64> {
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    const SYS_CACHESTAT: libc::c_long = 451;
+    use std::os::fd::AsRawFd;
+    let range = Range { off: 0, len: 0 }; // len 0: to the end of the file
+    let mut stat = Stat::default();
+    // SAFETY: a valid fd and pointers to structs laid out as the kernel expects.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut Stat,
+            0,
+        )
+    };
+    if rc == 0 {
+        Ok(stat.nr_cache)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
