@@ -212,6 +212,26 @@ async fn volume_is_read_only() {
         std::os::unix::fs::symlink("username", target.join("link")),
         "symlink",
     );
+    erofs(std::fs::hard_link(&file, target.join("hard")), "link");
+    let c_file = std::ffi::CString::new(file.to_str().expect("utf8")).expect("cstring");
+    // SAFETY: valid C strings and a 1-byte value buffer.
+    let rc = unsafe {
+        libc::setxattr(
+            c_file.as_ptr(),
+            c"user.x".as_ptr(),
+            b"1".as_ptr().cast(),
+            1,
+            0,
+        )
+    };
+    erofs(
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        },
+        "setxattr",
+    );
     assert_eq!(std::fs::read(&file).expect("still readable"), b"admin");
     env.unpublish("vol-ro", &target).await.expect("unpublish");
 }
