@@ -1,6 +1,7 @@
 //! `secretfs demo`: the driver and an example provider plugin in one process, a volume
 //! published exactly as kubelet would, shown, read and unpublished.
 
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -77,8 +78,12 @@ async fn wait_for(path: &Path) -> Result<(), BoxError> {
 fn files_under(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
     entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        if e.file_type()?.is_dir() {
+    // The visible names are symlinks into `..data/` (kubelet's layout); list what they reach.
+    for e in entries
+        .into_iter()
+        .filter(|e| !e.file_name().as_bytes().starts_with(b".."))
+    {
+        if std::fs::metadata(e.path())?.is_dir() {
             files_under(&e.path(), out)?;
         } else {
             out.push(e.path());
@@ -217,6 +222,11 @@ async fn steps(
         target.display(),
         mount.fstype,
         mount.source
+    );
+    let data = std::fs::read_link(target.join("..data"))?;
+    println!(
+        "  layout as kubelet writes it: db -> ..data/db, ..data -> {}",
+        data.display()
     );
 
     let mut files = Vec::new();

@@ -84,21 +84,38 @@ async fn serves_exact_bytes_modes_and_tree() {
     let meta = std::fs::metadata(target.join("big.bin")).expect("stat");
     assert_eq!((meta.uid(), meta.gid(), meta.len()), (0, 0, 200 * 1024));
 
+    // kubelet's atomic-writer layout: visible names are symlinks into ..data, which points
+    // at the version directory.
     let mut names: Vec<String> = std::fs::read_dir(&target)
         .expect("ls")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert_eq!(
-        names,
-        [
-            "a",
-            "big.bin",
-            "db",
-            "public.txt",
-            "request.json",
-            "username"
-        ]
+    let version = std::fs::read_link(target.join("..data")).expect("..data is a symlink");
+    let version = version.to_str().expect("utf8").to_string();
+    assert!(
+        version.starts_with("..20") && version.len() == "..2026_12_03_19_45_01.123456789".len(),
+        "{version}"
+    );
+    let expected = [
+        version.as_str(),
+        "..data",
+        "a",
+        "big.bin",
+        "db",
+        "public.txt",
+        "request.json",
+        "username",
+    ];
+    assert_eq!(names, expected);
+    for name in &expected[2..] {
+        let link = std::fs::read_link(target.join(name)).expect("top-level names are symlinks");
+        assert_eq!(link, Path::new("..data").join(name));
+    }
+    assert!(
+        std::fs::symlink_metadata(target.join(&version))
+            .expect("stat")
+            .is_dir()
     );
 
     // Partial reads at odd offsets come back exact.

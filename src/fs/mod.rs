@@ -1,20 +1,27 @@
-//! The FUSE filesystem that serves one volume's snapshot at its target path.
+//! The FUSE filesystem that serves one volume at its target path.
 //!
-//! Mounted with `mount(2)` directly (root; no fusermount), read-only, nosuid, nodev, noexec,
-//! `allow_other` and `default_permissions` (the kernel enforces the files' modes). One FUSE
-//! worker thread per mount.
+//! Mounted with `mount(2)` directly (root; no fusermount), `nosuid,nodev,noexec`,
+//! `allow_other` and `default_permissions` (the kernel enforces the files' modes), one FUSE
+//! worker thread per mount. The mount at the target is made read-only (and so is every bind
+//! mount kubelet and the runtime make of it); the driver keeps a private writable clone of the
+//! mount (`open_tree`, attached nowhere) through which it swaps `..data` on rotation, so that
+//! the kernel reports the swap to inotify watchers. The filesystem itself refuses every change
+//! except that swap, and the swap from anyone but the driver.
 
 mod mounts;
 mod tree;
 mod volume_fs;
 
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
+use fuser::{BackgroundSession, Config, INodeNo, MountOption, Session, SessionACL};
 
 pub use mounts::{FSNAME, MountEntry, cached_pages, detach, mount_at, mount_table};
-use volume_fs::{State, View, VolumeFs};
+use volume_fs::{State, VolumeFs};
 
 use crate::secret_mem::Snapshot;
 
@@ -32,12 +39,19 @@ pub enum Error {
         target: PathBuf,
         source: std::io::Error,
     },
+    #[error("swapping in the new version at {target}: {source}")]
+    Swap {
+        target: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A live mount. Dropping it unmounts (lazily) as well.
 pub struct Mounted {
     target: PathBuf,
     state: Arc<State>,
+    /// Writable clone of the mount, for the `..data` swap; closed on unmount.
+    rw_root: Option<OwnedFd>,
     session: Option<BackgroundSession>,
 }
 
@@ -46,7 +60,6 @@ fn config() -> Config {
     config.mount_options = vec![
         MountOption::FSName(FSNAME.into()),
         MountOption::Subtype(FSNAME.into()),
-        MountOption::RO,
         MountOption::NoSuid,
         MountOption::NoDev,
         MountOption::NoExec,
@@ -58,11 +71,65 @@ fn config() -> Config {
     config
 }
 
+fn cstr(path: &Path) -> std::io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| std::io::ErrorKind::InvalidInput.into())
+}
+
+fn os_result(rc: libc::c_int) -> std::io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// A detached, writable clone of the mount at `target` (open_tree(2) with OPEN_TREE_CLONE).
+fn clone_mount(target: &Path) -> std::io::Result<OwnedFd> {
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    let path = cstr(target)?;
+    // SAFETY: valid C string; returns a new fd or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Makes the mount at `target` read-only (a bind remount: the filesystem stays writable for
+/// the driver's clone).
+fn remount_read_only(target: &Path) -> std::io::Result<()> {
+    let path = cstr(target)?;
+    let flags = libc::MS_REMOUNT
+        | libc::MS_BIND
+        | libc::MS_RDONLY
+        | libc::MS_NOSUID
+        | libc::MS_NODEV
+        | libc::MS_NOEXEC
+        | libc::MS_NOATIME;
+    // SAFETY: valid C string; null source/type/data are allowed for a bind remount.
+    os_result(unsafe {
+        libc::mount(
+            std::ptr::null(),
+            path.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+    })
+}
+
 /// Mounts `snapshot` at `target` (an existing, empty directory). Blocking: call it from a
 /// blocking context.
 pub fn mount(target: &Path, snapshot: Arc<Snapshot>) -> Result<Mounted, Error> {
-    let view = View::new(snapshot).map_err(Error::Layout)?;
-    let state = State::new(view);
+    let state = State::new(snapshot).map_err(Error::Layout)?;
     let mount_err = |source| Error::Mount {
         target: target.to_path_buf(),
         source,
@@ -71,11 +138,16 @@ pub fn mount(target: &Path, snapshot: Arc<Snapshot>) -> Result<Mounted, Error> {
         Session::new(VolumeFs(Arc::clone(&state)), target, &config()).map_err(mount_err)?;
     state.set_notifier(session.notifier());
     let session = session.spawn().map_err(mount_err)?;
-    Ok(Mounted {
+    let mut mounted = Mounted {
         target: target.to_path_buf(),
         state,
+        rw_root: None,
         session: Some(session),
-    })
+    };
+    // On error `mounted` drops and unmounts.
+    mounted.rw_root = Some(clone_mount(target).map_err(mount_err)?);
+    remount_read_only(target).map_err(mount_err)?;
+    Ok(mounted)
 }
 
 impl Mounted {
@@ -93,6 +165,72 @@ impl Mounted {
         self.state.open_handles()
     }
 
+    /// Serves `snapshot` from now on, the way kubelet's atomic writer updates a volume: a new
+    /// version directory, `..data_tmp` pointing at it, renamed over `..data` — all through the
+    /// mount, so inotify watchers on the volume see IN_CREATE `..data_tmp` and IN_MOVED_TO
+    /// `..data`. Handles opened earlier keep reading the version they opened. Blocking.
+    pub fn swap(&self, snapshot: Arc<Snapshot>) -> Result<(), Error> {
+        let swap_err = |source| Error::Swap {
+            target: self.target.clone(),
+            source,
+        };
+        let Some(rw) = self.rw_root.as_ref() else {
+            return Err(swap_err(std::io::ErrorKind::NotConnected.into()));
+        };
+        let old = self.state.view();
+        let new = self.state.stage(snapshot).map_err(Error::Layout)?;
+        let version = CString::new(new.tree.version.0.as_bytes())
+            .map_err(|_| swap_err(std::io::ErrorKind::InvalidInput.into()))?;
+        // SAFETY: valid fd and C strings.
+        let result = os_result(unsafe {
+            libc::symlinkat(version.as_ptr(), rw.as_raw_fd(), c"..data_tmp".as_ptr())
+        })
+        .and_then(|()| {
+            // SAFETY: valid fd and C strings.
+            os_result(unsafe {
+                libc::renameat(
+                    rw.as_raw_fd(),
+                    c"..data_tmp".as_ptr(),
+                    rw.as_raw_fd(),
+                    c"..data".as_ptr(),
+                )
+            })
+        })
+        .and_then(|()| {
+            if Arc::ptr_eq(&self.state.view(), &new) {
+                Ok(())
+            } else {
+                Err(std::io::Error::other(
+                    "the rename did not commit the new version",
+                ))
+            }
+        });
+        let notifier = self.state.notifier();
+        if let Err(e) = result {
+            self.state.unstage();
+            if let Some(n) = notifier {
+                let _ = n.inval_entry(INodeNo(tree::ROOT), std::ffi::OsStr::new(tree::DATA_TMP));
+            }
+            return Err(swap_err(e));
+        }
+        if let Some(n) = notifier {
+            // Files keep their inode numbers: drop cached attributes (sizes, modes, times).
+            for &ino in &new.tree.files {
+                let _ = n.inval_inode(INodeNo(ino), 0, 0);
+            }
+            // Names that are gone: the old version directory and removed top-level names.
+            let (old_name, old_ino) = &old.tree.version;
+            let _ = n.delete(INodeNo(tree::ROOT), INodeNo(*old_ino), old_name);
+            for (name, ino) in &old.tree.top {
+                if !new.tree.top.contains_key(name) {
+                    let _ = n.delete(INodeNo(tree::ROOT), INodeNo(*ino), name);
+                }
+            }
+            let _ = n.inval_inode(INodeNo(tree::ROOT), 0, 0);
+        }
+        Ok(())
+    }
+
     /// Detaches the mount. Readers that still hold files open keep them until they close;
     /// the snapshot is zeroized once the last one does. Blocking.
     pub fn unmount(mut self) -> Result<(), Error> {
@@ -102,6 +240,7 @@ impl Mounted {
     /// Leaves the mount in place without serving it any more (process shutdown: the next
     /// driver process takes over the target). Readers see ENOTCONN until then.
     pub fn leave(mut self) {
+        self.rw_root.take();
         if let Some(session) = self.session.take() {
             // Dropping the session would unmount; forgetting it keeps the mount.
             std::mem::forget(session);
@@ -109,6 +248,8 @@ impl Mounted {
     }
 
     fn detach(&mut self) -> Result<(), Error> {
+        // The writable clone holds the filesystem too: close it so the connection can end.
+        self.rw_root.take();
         let Some(session) = self.session.take() else {
             return Ok(());
         };

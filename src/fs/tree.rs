@@ -1,17 +1,34 @@
-//! The directory tree of one snapshot: inode numbers, names and parents. Directories are
-//! implied by the files' paths.
+//! The layout one snapshot is served in, the one kubelet's atomic writer produces:
+//!
+//! ```text
+//! /                       root (inode 1)
+//! ├── password -> ..data/password      one symlink per top-level name
+//! ├── db -> ..data/db
+//! ├── ..data -> ..2026_12_03_19_45_01.123456789
+//! └── ..2026_12_03_19_45_01.123456789/ the version directory: the provider's paths
+//!     ├── password
+//!     └── db/user
+//! ```
+//!
+//! A rotation builds a new tree with a new version directory and swaps `..data`. Inode numbers
+//! of files and top-level symlinks are stable across versions (keyed by path), so a file a
+//! container bind-mounted through `subPath` serves the new contents after a rotation.
+//! Directories and the `..data` link get fresh inodes per version.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 
 use crate::secret_mem::Snapshot;
 
 pub const ROOT: u64 = 1;
+pub const DATA: &str = "..data";
+pub const DATA_TMP: &str = "..data_tmp";
 
 pub enum Kind {
     Dir(BTreeMap<OsString, u64>),
     /// Index into the snapshot's files.
     File(usize),
+    Symlink(OsString),
 }
 
 pub struct Node {
@@ -19,22 +36,81 @@ pub struct Node {
     pub kind: Kind,
 }
 
+/// Hands out inode numbers for one mount: stable ones for file paths and top-level names,
+/// fresh ones for everything else.
+pub struct Inodes {
+    next: u64,
+    files: HashMap<String, u64>,
+    links: HashMap<String, u64>,
+}
+
+impl Default for Inodes {
+    fn default() -> Self {
+        Inodes {
+            next: ROOT + 1,
+            files: HashMap::new(),
+            links: HashMap::new(),
+        }
+    }
+}
+
+impl Inodes {
+    fn fresh(&mut self) -> u64 {
+        let ino = self.next;
+        self.next += 1;
+        ino
+    }
+
+    fn stable(map: &mut HashMap<String, u64>, next: &mut u64, key: &str) -> u64 {
+        *map.entry(key.to_string()).or_insert_with(|| {
+            let ino = *next;
+            *next += 1;
+            ino
+        })
+    }
+}
+
 pub struct Tree {
-    nodes: Vec<Node>,
+    nodes: HashMap<u64, Node>,
+    /// Name and inode of the version directory.
+    pub version: (OsString, u64),
+    /// Inode of the `..data` symlink (of `..data_tmp` while this tree is being swapped in).
+    pub data_link: u64,
+    /// Inode of each provider path, for invalidating cached attributes on a swap.
+    pub files: Vec<u64>,
+    /// Top-level names and their symlink inodes.
+    pub top: BTreeMap<OsString, u64>,
 }
 
 impl Tree {
     /// Builds the tree of a snapshot whose paths passed `provider::validate::check_paths`;
     /// returns the offending path if they did not.
-    pub fn build(snapshot: &Snapshot) -> Result<Tree, String> {
+    pub fn build(snapshot: &Snapshot, version: &str, inodes: &mut Inodes) -> Result<Tree, String> {
+        let version_ino = inodes.fresh();
+        let data_link = inodes.fresh();
         let mut tree = Tree {
-            nodes: vec![Node {
+            nodes: HashMap::new(),
+            version: (OsString::from(version), version_ino),
+            data_link,
+            files: Vec::new(),
+            top: BTreeMap::new(),
+        };
+        tree.nodes.insert(
+            version_ino,
+            Node {
                 parent: ROOT,
                 kind: Kind::Dir(BTreeMap::new()),
-            }],
-        };
+            },
+        );
+        tree.nodes.insert(
+            data_link,
+            Node {
+                parent: ROOT,
+                kind: Kind::Symlink(version.into()),
+            },
+        );
         for (index, file) in snapshot.files().iter().enumerate() {
-            let mut dir = ROOT;
+            let mut dir = version_ino;
             let mut segments = file.path.split('/').peekable();
             while let Some(name) = segments.next() {
                 let last = segments.peek().is_none();
@@ -43,30 +119,57 @@ impl Tree {
                     .and_then(|c| c.get(OsStr::new(name)))
                     .copied();
                 dir = match (existing, last) {
-                    (None, _) => tree.add(
-                        dir,
-                        name,
-                        if last {
-                            Kind::File(index)
-                        } else {
-                            Kind::Dir(BTreeMap::new())
-                        },
-                    ),
+                    (None, true) => {
+                        let ino = Inodes::stable(&mut inodes.files, &mut inodes.next, &file.path);
+                        tree.files.push(ino);
+                        tree.add(dir, name, ino, Kind::File(index))
+                    }
+                    (None, false) => {
+                        let ino = inodes.fresh();
+                        tree.add(dir, name, ino, Kind::Dir(BTreeMap::new()))
+                    }
                     (Some(ino), false) if tree.children(ino).is_some() => ino,
                     _ => return Err(file.path.clone()),
                 };
             }
         }
+        let names: Vec<OsString> = tree
+            .children(version_ino)
+            .map(|c| c.keys().cloned().collect())
+            .unwrap_or_default();
+        for name in names {
+            let key = name.to_string_lossy().into_owned();
+            let ino = Inodes::stable(&mut inodes.links, &mut inodes.next, &key);
+            let mut target = OsString::from(format!("{DATA}/"));
+            target.push(&name);
+            tree.nodes.insert(
+                ino,
+                Node {
+                    parent: ROOT,
+                    kind: Kind::Symlink(target),
+                },
+            );
+            tree.top.insert(name, ino);
+        }
+        let mut root = tree.top.clone();
+        root.insert(DATA.into(), data_link);
+        root.insert(tree.version.0.clone(), version_ino);
+        tree.nodes.insert(
+            ROOT,
+            Node {
+                parent: ROOT,
+                kind: Kind::Dir(root),
+            },
+        );
         Ok(tree)
     }
 
-    fn add(&mut self, parent: u64, name: &str, kind: Kind) -> u64 {
-        self.nodes.push(Node { parent, kind });
-        let ino = self.nodes.len() as u64;
+    fn add(&mut self, parent: u64, name: &str, ino: u64, kind: Kind) -> u64 {
+        self.nodes.insert(ino, Node { parent, kind });
         if let Some(Node {
             kind: Kind::Dir(children),
             ..
-        }) = self.node_mut(parent)
+        }) = self.nodes.get_mut(&parent)
         {
             children.insert(OsString::from(name), ino);
         }
@@ -74,21 +177,13 @@ impl Tree {
     }
 
     pub fn node(&self, ino: u64) -> Option<&Node> {
-        usize::try_from(ino.checked_sub(1)?)
-            .ok()
-            .and_then(|i| self.nodes.get(i))
-    }
-
-    fn node_mut(&mut self, ino: u64) -> Option<&mut Node> {
-        usize::try_from(ino.checked_sub(1)?)
-            .ok()
-            .and_then(|i| self.nodes.get_mut(i))
+        self.nodes.get(&ino)
     }
 
     pub fn children(&self, ino: u64) -> Option<&BTreeMap<OsString, u64>> {
         match self.node(ino)?.kind {
             Kind::Dir(ref children) => Some(children),
-            Kind::File(_) => None,
+            _ => None,
         }
     }
 
@@ -100,6 +195,18 @@ impl Tree {
     pub fn len(&self) -> usize {
         self.nodes.len()
     }
+}
+
+/// `..YYYY_MM_DD_HH_MM_SS.NNNNNNNNN` (UTC), the version directory name kubelet's atomic writer
+/// uses.
+pub fn version_name(time: std::time::SystemTime) -> String {
+    let rfc = humantime::format_rfc3339_nanos(time).to_string(); // 2026-12-03T19:45:01.123456789Z
+    let body: String = rfc
+        .trim_end_matches('Z')
+        .chars()
+        .map(|c| if matches!(c, '-' | ':' | 'T') { '_' } else { c })
+        .collect();
+    format!("..{body}")
 }
 
 #[cfg(test)]
@@ -115,23 +222,60 @@ mod tests {
         b.finish(vec![])
     }
 
+    fn walk(tree: &Tree, path: &str) -> Option<u64> {
+        path.split('/')
+            .try_fold(ROOT, |dir, name| tree.lookup(dir, OsStr::new(name)))
+    }
+
     #[test]
-    fn nested_paths_make_directories() {
-        let tree = Tree::build(&snapshot(&["a", "d/b", "d/e/c"])).expect("tree");
-        assert_eq!(tree.len(), 6); // root, a, d, b, e, c
-        let d = tree.lookup(ROOT, OsStr::new("d")).expect("d");
-        let e = tree.lookup(d, OsStr::new("e")).expect("e");
-        let c = tree.lookup(e, OsStr::new("c")).expect("c");
+    fn layout_matches_kubelets_atomic_writer() {
+        let mut inodes = Inodes::default();
+        let tree =
+            Tree::build(&snapshot(&["a", "d/b", "d/e/c"]), "..v1", &mut inodes).expect("tree");
+        let root: Vec<_> = tree.children(ROOT).expect("root").keys().cloned().collect();
+        assert_eq!(root, ["..data", "..v1", "a", "d"]);
+        let link = |name: &str| match tree.node(walk(&tree, name).expect(name)).map(|n| &n.kind) {
+            Some(Kind::Symlink(t)) => t.to_string_lossy().into_owned(),
+            _ => panic!("{name} is not a symlink"),
+        };
+        assert_eq!(link("..data"), "..v1");
+        assert_eq!(link("a"), "..data/a");
+        assert_eq!(link("d"), "..data/d");
+        let c = walk(&tree, "..v1/d/e/c").expect("c");
         assert!(matches!(tree.node(c).map(|n| &n.kind), Some(Kind::File(2))));
-        assert_eq!(tree.node(c).map(|n| n.parent), Some(e));
-        assert!(tree.children(c).is_none());
-        assert!(tree.node(0).is_none() && tree.node(99).is_none());
+        assert_eq!(tree.files.len(), 3);
+    }
+
+    #[test]
+    fn file_and_link_inodes_are_stable_across_versions() {
+        let mut inodes = Inodes::default();
+        let v1 = Tree::build(&snapshot(&["a", "d/b"]), "..v1", &mut inodes).expect("v1");
+        let v2 = Tree::build(&snapshot(&["d/b", "a", "new"]), "..v2", &mut inodes).expect("v2");
+        assert_eq!(walk(&v1, "..v1/a"), walk(&v2, "..v2/a"));
+        assert_eq!(walk(&v1, "..v1/d/b"), walk(&v2, "..v2/d/b"));
+        assert_eq!(walk(&v1, "d"), walk(&v2, "d"));
+        assert_ne!(
+            walk(&v1, "..v1/d"),
+            walk(&v2, "..v2/d"),
+            "directories are per version"
+        );
+        assert_ne!(v1.data_link, v2.data_link);
+        assert_ne!(v1.version.1, v2.version.1);
+        let new = walk(&v2, "..v2/new").expect("new");
+        assert!(v1.node(new).is_none());
     }
 
     #[test]
     fn file_dir_conflicts_are_refused() {
-        assert!(Tree::build(&snapshot(&["a", "a/b"])).is_err());
-        assert!(Tree::build(&snapshot(&["a/b", "a"])).is_err());
-        assert!(Tree::build(&snapshot(&["a", "a"])).is_err());
+        let mut inodes = Inodes::default();
+        assert!(Tree::build(&snapshot(&["a", "a/b"]), "..v", &mut inodes).is_err());
+        assert!(Tree::build(&snapshot(&["a/b", "a"]), "..v", &mut inodes).is_err());
+        assert!(Tree::build(&snapshot(&["a", "a"]), "..v", &mut inodes).is_err());
+    }
+
+    #[test]
+    fn version_names_look_like_kubelets() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::new(1_796_327_101, 123_456_789);
+        assert_eq!(version_name(t), "..2026_12_03_19_45_01.123456789");
     }
 }

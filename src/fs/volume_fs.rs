@@ -1,38 +1,36 @@
-//! The `fuser` filesystem of one volume: read-only, every open direct I/O, every read served
-//! through the mlocked bounce buffer.
+//! The `fuser` filesystem of one volume: read-only for everyone but the driver's own swap of
+//! `..data`; every open direct I/O; every read served through the mlocked bounce buffer.
 
 use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, mpsc};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
-    Notifier, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyStatfs, Request,
+    Notifier, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
-use super::tree::{Kind, Tree};
+use super::tree::{DATA, DATA_TMP, Inodes, Kind, ROOT, Tree, version_name};
 use crate::secret_mem::{SecretBytes, Snapshot, with_bounce};
 
-/// How long the kernel may cache names and attributes.
+/// How long the kernel may cache names and attributes. A swap invalidates what changed, so
+/// this only bounds staleness if an invalidation is lost.
 const TTL: Duration = Duration::from_secs(1);
 const DIR_MODE: u16 = 0o755;
 const BLOCK: u32 = 4096;
 
-/// A snapshot and its tree: what one open handle reads from until it is closed.
+/// One version of the volume: a snapshot and its tree. Open handles keep theirs alive.
 pub struct View {
     pub snapshot: Arc<Snapshot>,
-    tree: Tree,
+    pub tree: Tree,
 }
 
 impl View {
-    pub fn new(snapshot: Arc<Snapshot>) -> Result<View, String> {
-        let tree = Tree::build(&snapshot)?;
-        Ok(View { snapshot, tree })
-    }
-
     fn attr(&self, ino: u64) -> Option<FileAttr> {
         let node = self.tree.node(ino)?;
         let (kind, perm, size, nlink) = match &node.kind {
@@ -46,65 +44,155 @@ impl View {
                     1,
                 )
             }
+            Kind::Symlink(target) => (FileType::Symlink, 0o777, target.len() as u64, 1),
         };
-        let time = self.snapshot.created();
-        Some(FileAttr {
-            ino: INodeNo(ino),
-            size,
-            blocks: size.div_ceil(512),
-            atime: time,
-            mtime: time,
-            ctime: time,
-            crtime: time,
+        Some(file_attr(
+            ino,
             kind,
             perm,
+            size,
             nlink,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            blksize: BLOCK,
-            flags: 0,
-        })
+            self.snapshot.created(),
+        ))
+    }
+}
+
+fn file_attr(
+    ino: u64,
+    kind: FileType,
+    perm: u16,
+    size: u64,
+    nlink: u32,
+    time: SystemTime,
+) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size,
+        blocks: size.div_ceil(512),
+        atime: time,
+        mtime: time,
+        ctime: time,
+        crtime: time,
+        kind,
+        perm,
+        nlink,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: BLOCK,
+        flags: 0,
     }
 }
 
 struct Handle {
     bytes: SecretBytes,
     ino: u64,
+    mode: u32,
+    time: SystemTime,
 }
 
 /// State shared between the mount's FUSE thread and the driver.
 pub struct State {
-    view: RwLock<Arc<View>>,
+    current: RwLock<Arc<View>>,
+    /// The next version while a swap is in flight (served as `..data_tmp`).
+    pending: Mutex<Option<Arc<View>>>,
+    inodes: Mutex<Inodes>,
     handles: DashMap<u64, Handle>,
     next_fh: AtomicU64,
     notifier: OnceLock<Notifier>,
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 impl State {
-    pub fn new(view: View) -> Arc<State> {
-        Arc::new(State {
-            view: RwLock::new(Arc::new(view)),
+    pub fn new(snapshot: Arc<Snapshot>) -> Result<Arc<State>, String> {
+        let mut inodes = Inodes::default();
+        let view = build(snapshot, &mut inodes, None)?;
+        Ok(Arc::new(State {
+            current: RwLock::new(view),
+            pending: Mutex::new(None),
+            inodes: Mutex::new(inodes),
             handles: DashMap::new(),
             next_fh: AtomicU64::new(1),
             notifier: OnceLock::new(),
-        })
+        }))
     }
 
     pub fn set_notifier(&self, notifier: Notifier) {
         let _ = self.notifier.set(notifier);
     }
 
+    pub fn notifier(&self) -> Option<&Notifier> {
+        self.notifier.get()
+    }
+
     pub fn view(&self) -> Arc<View> {
-        match self.view.read() {
+        match self.current.read() {
             Ok(v) => Arc::clone(&v),
             Err(poisoned) => Arc::clone(&poisoned.into_inner()),
         }
     }
 
+    fn pending(&self) -> Option<Arc<View>> {
+        lock(&self.pending).clone()
+    }
+
+    /// Builds the view of `snapshot` and stages it as the pending version.
+    pub fn stage(&self, snapshot: Arc<Snapshot>) -> Result<Arc<View>, String> {
+        let current = self.view();
+        let view = build(
+            snapshot,
+            &mut lock(&self.inodes),
+            Some(&current.tree.version.0),
+        )?;
+        *lock(&self.pending) = Some(Arc::clone(&view));
+        Ok(view)
+    }
+
+    pub fn unstage(&self) {
+        lock(&self.pending).take();
+    }
+
+    /// Makes the pending view current. Called from the FUSE rename of `..data_tmp`.
+    fn commit(&self) -> bool {
+        let Some(next) = lock(&self.pending).take() else {
+            return false;
+        };
+        match self.current.write() {
+            Ok(mut cur) => *cur = next,
+            Err(poisoned) => *poisoned.into_inner() = next,
+        }
+        true
+    }
+
     pub fn open_handles(&self) -> usize {
         self.handles.len()
     }
+
+    /// Attributes of `ino` in the current or the pending view.
+    fn attr(&self, ino: u64) -> Option<FileAttr> {
+        self.view().attr(ino).or_else(|| self.pending()?.attr(ino))
+    }
+}
+
+fn build(
+    snapshot: Arc<Snapshot>,
+    inodes: &mut Inodes,
+    previous: Option<&OsStr>,
+) -> Result<Arc<View>, String> {
+    let mut name = version_name(snapshot.created());
+    if previous == Some(OsStr::new(&name)) {
+        name.push('1'); // two snapshots in the same nanosecond: keep the names distinct
+    }
+    let tree = Tree::build(&snapshot, &name, inodes)?;
+    Ok(Arc::new(View { snapshot, tree }))
+}
+
+/// Whether the FUSE caller `tid` is a thread of this process (the driver itself).
+fn from_driver(req: &Request) -> bool {
+    Path::new(&format!("/proc/self/task/{}", req.pid())).exists()
 }
 
 /// Drops the page cache of released inodes from a thread of its own: the FUSE thread must
@@ -126,15 +214,19 @@ fn invalidate_later(notifier: &Notifier, ino: u64) {
         }
         Mutex::new(tx)
     });
-    if let Ok(tx) = queue.lock() {
-        let _ = tx.send((notifier.clone(), ino));
-    }
+    let _ = lock(queue).send((notifier.clone(), ino));
 }
 
 pub struct VolumeFs(pub Arc<State>);
 
 impl Filesystem for VolumeFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if parent.0 == ROOT && name == DATA_TMP {
+            return match self.0.pending().and_then(|p| p.attr(p.tree.data_link)) {
+                Some(attr) => reply.entry(&TTL, &attr, Generation(0)),
+                None => reply.error(Errno::ENOENT),
+            };
+        }
         let view = self.0.view();
         match view
             .tree
@@ -146,9 +238,35 @@ impl Filesystem for VolumeFs {
         }
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.0.view().attr(ino.0) {
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        // An open file reports the version it reads, even after a rotation.
+        if let Some(h) = fh.and_then(|fh| self.0.handles.get(&fh.0)) {
+            let attr = file_attr(
+                h.ino,
+                FileType::RegularFile,
+                h.mode as u16,
+                h.bytes.len() as u64,
+                1,
+                h.time,
+            );
+            return reply.attr(&TTL, &attr);
+        }
+        match self.0.attr(ino.0) {
             Some(attr) => reply.attr(&TTL, &attr),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let view = self.0.view();
+        let pending = self.0.pending();
+        let node = view
+            .tree
+            .node(ino.0)
+            .or_else(|| pending.as_ref()?.tree.node(ino.0));
+        match node.map(|n| &n.kind) {
+            Some(Kind::Symlink(target)) => reply.data(target.as_bytes()),
+            Some(_) => reply.error(Errno::EINVAL),
             None => reply.error(Errno::ENOENT),
         }
     }
@@ -158,16 +276,23 @@ impl Filesystem for VolumeFs {
             return reply.error(Errno::EROFS);
         }
         let view = self.0.view();
-        let bytes = match view.tree.node(ino.0).map(|n| &n.kind) {
+        let file = match view.tree.node(ino.0).map(|n| &n.kind) {
             Some(Kind::File(i)) => match view.snapshot.files().get(*i) {
-                Some(f) => f.bytes.clone(),
+                Some(f) => f,
                 None => return reply.error(Errno::ENOENT),
             },
             Some(Kind::Dir(_)) => return reply.error(Errno::EISDIR),
+            Some(Kind::Symlink(_)) => return reply.error(Errno::ELOOP),
             None => return reply.error(Errno::ENOENT),
         };
         let fh = self.0.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.0.handles.insert(fh, Handle { bytes, ino: ino.0 });
+        let handle = Handle {
+            bytes: file.bytes.clone(),
+            ino: ino.0,
+            mode: file.mode,
+            time: view.snapshot.created(),
+        };
+        self.0.handles.insert(fh, handle);
         // Direct I/O: every read comes to us and nothing is left in the page cache.
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
     }
@@ -217,8 +342,8 @@ impl Filesystem for VolumeFs {
         reply: ReplyEmpty,
     ) {
         if let Some((_, handle)) = self.0.handles.remove(&fh.0) {
-            // A private mmap of a direct-I/O file still fills the page cache; drop it once the
-            // handle (and with it every mapping) is gone.
+            // A private mmap or sendfile of a direct-I/O file still fills the page cache; drop
+            // it once the handle (and with it every mapping) is gone.
             if let Some(n) = self.0.notifier.get() {
                 invalidate_later(n, handle.ino);
             }
@@ -248,6 +373,7 @@ impl Filesystem for VolumeFs {
             .chain(children.iter().map(|(name, &child)| {
                 let kind = match view.tree.node(child).map(|n| &n.kind) {
                     Some(Kind::Dir(_)) => FileType::Directory,
+                    Some(Kind::Symlink(_)) => FileType::Symlink,
                     _ => FileType::RegularFile,
                 };
                 (child, kind, name.as_os_str())
@@ -264,31 +390,207 @@ impl Filesystem for VolumeFs {
         let files = self.0.view().tree.len() as u64;
         reply.statfs(0, 0, 0, files, 0, BLOCK, 255, BLOCK);
     }
+
+    /// The first half of a swap: the driver creates `..data_tmp` (as kubelet's atomic writer
+    /// does), which watchers see as IN_CREATE. Refused for anyone else.
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        _target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let pending = self.0.pending();
+        match pending {
+            Some(p) if parent.0 == ROOT && link_name == DATA_TMP && from_driver(req) => {
+                match p.attr(p.tree.data_link) {
+                    Some(attr) => reply.entry(&TTL, &attr, Generation(0)),
+                    None => reply.error(Errno::EIO),
+                }
+            }
+            _ => reply.error(Errno::EROFS),
+        }
+    }
+
+    /// The second half: `..data_tmp` renamed over `..data` (IN_MOVED_FROM/IN_MOVED_TO)
+    /// commits the pending version. Refused for anyone but the driver.
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        _flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let swap = parent.0 == ROOT && newparent.0 == ROOT && name == DATA_TMP && newname == DATA;
+        if swap && from_driver(req) && self.0.commit() {
+            reply.ok();
+        } else {
+            reply.error(Errno::EROFS);
+        }
+    }
+
+    // Everything else that would change the volume is refused.
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mknod(&self, _: &Request, _: INodeNo, _: &OsStr, _: u32, _: u32, _: u32, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mkdir(&self, _: &Request, _: INodeNo, _: &OsStr, _: u32, _: u32, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn unlink(&self, _: &Request, _: INodeNo, _: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rmdir(&self, _: &Request, _: INodeNo, _: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn link(&self, _: &Request, _: INodeNo, _: INodeNo, _: &OsStr, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn create(
+        &self,
+        _: &Request,
+        _: INodeNo,
+        _: &OsStr,
+        _: u32,
+        _: u32,
+        _: i32,
+        reply: fuser::ReplyCreate,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn setxattr(
+        &self,
+        _: &Request,
+        _: INodeNo,
+        _: &OsStr,
+        _: &[u8],
+        _: i32,
+        _: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn removexattr(&self, _: &Request, _: INodeNo, _: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fs::tree::ROOT;
     use crate::secret_mem::SnapshotBuilder;
+
+    fn snapshot(files: &[(&str, u32, &[u8])]) -> Arc<Snapshot> {
+        let mut b = SnapshotBuilder::new(64).expect("region");
+        for (p, m, c) in files {
+            b.add(p.to_string(), *m, c).expect("add");
+        }
+        Arc::new(b.finish(vec![]))
+    }
+
+    fn walk(view: &View, path: &str) -> Option<u64> {
+        path.split('/')
+            .try_fold(ROOT, |dir, name| view.tree.lookup(dir, OsStr::new(name)))
+    }
 
     #[test]
     fn attributes_follow_the_snapshot() {
-        let mut b = SnapshotBuilder::new(10).expect("region");
-        b.add("dir/f".into(), 0o440, b"0123456789").expect("add");
-        let view = View::new(Arc::new(b.finish(vec![]))).expect("view");
+        let state = State::new(snapshot(&[("dir/f", 0o440, b"0123456789")])).expect("state");
+        let view = state.view();
         let root = view.attr(ROOT).expect("root");
         assert_eq!(
             (root.kind, root.perm, root.uid),
             (FileType::Directory, 0o755, 0)
         );
-        let dir = view.tree.lookup(ROOT, OsStr::new("dir")).expect("dir");
-        let f = view.tree.lookup(dir, OsStr::new("f")).expect("f");
+        let vdir = view.tree.version.0.to_string_lossy().into_owned();
+        let f = walk(&view, &format!("{vdir}/dir/f")).expect("f");
         let attr = view.attr(f).expect("attr");
         assert_eq!(
             (attr.kind, attr.perm, attr.size, attr.gid),
             (FileType::RegularFile, 0o440, 10, 0)
         );
-        assert!(view.attr(42).is_none());
+        let link = view.attr(walk(&view, "dir").expect("link")).expect("attr");
+        assert_eq!(link.kind, FileType::Symlink);
+        assert!(view.attr(4242).is_none());
+    }
+
+    #[test]
+    fn staged_versions_become_current_only_on_commit() {
+        let state = State::new(snapshot(&[("a", 0o644, b"one")])).expect("state");
+        let first = state.view();
+        assert!(!state.commit(), "nothing staged");
+        let staged = state
+            .stage(snapshot(&[("a", 0o644, b"two!"), ("b", 0o600, b"new")]))
+            .expect("stage");
+        assert!(Arc::ptr_eq(&state.view(), &first));
+        assert!(
+            state.attr(staged.tree.data_link).is_some(),
+            "pending inodes answer getattr"
+        );
+        assert!(state.commit());
+        assert!(Arc::ptr_eq(&state.view(), &staged));
+        assert_ne!(first.tree.version.0, staged.tree.version.0);
+        // The file keeps its inode number and shows the new size.
+        let vdir = staged.tree.version.0.to_string_lossy().into_owned();
+        assert_eq!(
+            walk(
+                &first,
+                &format!("{}/a", first.tree.version.0.to_string_lossy())
+            ),
+            walk(&staged, &format!("{vdir}/a"))
+        );
+        assert_eq!(
+            state
+                .attr(walk(&staged, &format!("{vdir}/a")).expect("a"))
+                .map(|a| a.size),
+            Some(4)
+        );
     }
 }
