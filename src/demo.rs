@@ -106,6 +106,7 @@ pub async fn run() -> Result<(), BoxError> {
             timeout: Duration::from_secs(10),
             max_volume_bytes: 4 << 20,
         },
+        Duration::ZERO, // no rotation in the demo
     ));
     let result = steps(&dir, Arc::clone(&manager), stopped).await;
     // Clean up whatever happened: unmount, stop the servers, remove the directory.

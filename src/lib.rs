@@ -2,7 +2,8 @@
 //! FUSE, from memory the kernel keeps out of the page cache, swap and core dumps.
 //!
 //! Data flows one way: CSI request ([`csi`]) → class ([`class`]) → provider ([`provider`]) →
-//! secret memory ([`secret_mem`]) → FUSE view ([`fs`]), orchestrated per volume by [`volume`].
+//! secret memory ([`secret_mem`]) → FUSE view ([`fs`]), orchestrated per volume by [`volume`];
+//! [`rotation`] refreshes published volumes through the same path.
 
 pub mod class;
 pub mod csi;
@@ -12,5 +13,6 @@ pub mod grpc_uds;
 pub mod hardening;
 pub mod proto;
 pub mod provider;
+pub mod rotation;
 pub mod secret_mem;
 pub mod volume;

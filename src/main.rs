@@ -76,9 +76,17 @@ pub struct ServeArgs {
     /// Directory for non-secret driver state.
     #[arg(long, default_value = "/var/lib/secretfs")]
     state_dir: PathBuf,
-    /// How often volumes are refreshed from their provider (e.g. 30s, 2m; 0 = off).
-    #[arg(long, default_value = "2m", value_parser = parse_interval)]
+    /// How often volumes are refreshed from their provider (e.g. 30s, 2m; 0 = off). Also the
+    /// least age of the last fetch before a kubelet republish re-fetches.
+    #[arg(long, alias = "rotation-poll-interval", default_value = "2m", value_parser = parse_interval)]
     rotation_interval: Duration,
+    /// Refresh volumes in the background every --rotation-interval. With false, volumes are
+    /// refreshed only when kubelet republishes them (CSIDriver requiresRepublish).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    enable_secret_rotation: bool,
+    /// Most provider calls the background refresh makes at once.
+    #[arg(long, default_value_t = 4)]
+    rotation_concurrency: usize,
     /// Largest total size of one volume's files, in bytes.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     max_volume_bytes: usize,
@@ -146,7 +154,16 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send +
         memory = secretfs::secret_mem::Region::preferred_kind().as_str(),
         "starting secretfs"
     );
-    let manager = Arc::new(Manager::new(classes, provider));
+    let manager = Arc::new(Manager::new(classes, provider, args.rotation_interval));
+    let rotation = if args.enable_secret_rotation {
+        secretfs::rotation::spawn(
+            Arc::clone(&manager),
+            args.rotation_interval,
+            args.rotation_concurrency,
+        )
+    } else {
+        None
+    };
     secretfs::csi::serve(
         &socket,
         IdentityService::new(&args.driver_name),
@@ -154,6 +171,9 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send +
         shutdown_signal(),
     )
     .await?;
+    if let Some(task) = rotation {
+        task.abort();
+    }
     // Published volumes stay mounted for the next driver process to take over.
     manager.leave_all_mounted();
     let _ = std::fs::remove_file(&socket);

@@ -16,7 +16,7 @@ use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use fuser::{BackgroundSession, Config, INodeNo, MountOption, Session, SessionACL};
 
@@ -51,8 +51,12 @@ pub struct Mounted {
     target: PathBuf,
     state: Arc<State>,
     /// Writable clone of the mount, for the `..data` swap; closed on unmount.
-    rw_root: Option<OwnedFd>,
-    session: Option<BackgroundSession>,
+    rw_root: Mutex<Option<OwnedFd>>,
+    session: Mutex<Option<BackgroundSession>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn config() -> Config {
@@ -138,14 +142,14 @@ pub fn mount(target: &Path, snapshot: Arc<Snapshot>) -> Result<Mounted, Error> {
         Session::new(VolumeFs(Arc::clone(&state)), target, &config()).map_err(mount_err)?;
     state.set_notifier(session.notifier());
     let session = session.spawn().map_err(mount_err)?;
-    let mut mounted = Mounted {
+    let mounted = Mounted {
         target: target.to_path_buf(),
         state,
-        rw_root: None,
-        session: Some(session),
+        rw_root: Mutex::new(None),
+        session: Mutex::new(Some(session)),
     };
     // On error `mounted` drops and unmounts.
-    mounted.rw_root = Some(clone_mount(target).map_err(mount_err)?);
+    *lock(&mounted.rw_root) = Some(clone_mount(target).map_err(mount_err)?);
     remount_read_only(target).map_err(mount_err)?;
     Ok(mounted)
 }
@@ -174,7 +178,9 @@ impl Mounted {
             target: self.target.clone(),
             source,
         };
-        let Some(rw) = self.rw_root.as_ref() else {
+        // Held for the whole swap: an unmount waits for it.
+        let rw_guard = lock(&self.rw_root);
+        let Some(rw) = rw_guard.as_ref() else {
             return Err(swap_err(std::io::ErrorKind::NotConnected.into()));
         };
         let old = self.state.view();
@@ -233,24 +239,24 @@ impl Mounted {
 
     /// Detaches the mount. Readers that still hold files open keep them until they close;
     /// the snapshot is zeroized once the last one does. Blocking.
-    pub fn unmount(mut self) -> Result<(), Error> {
+    pub fn unmount(&self) -> Result<(), Error> {
         self.detach()
     }
 
     /// Leaves the mount in place without serving it any more (process shutdown: the next
     /// driver process takes over the target). Readers see ENOTCONN until then.
-    pub fn leave(mut self) {
-        self.rw_root.take();
-        if let Some(session) = self.session.take() {
+    pub fn leave(&self) {
+        lock(&self.rw_root).take();
+        if let Some(session) = lock(&self.session).take() {
             // Dropping the session would unmount; forgetting it keeps the mount.
             std::mem::forget(session);
         }
     }
 
-    fn detach(&mut self) -> Result<(), Error> {
+    fn detach(&self) -> Result<(), Error> {
         // The writable clone holds the filesystem too: close it so the connection can end.
-        self.rw_root.take();
-        let Some(session) = self.session.take() else {
+        lock(&self.rw_root).take();
+        let Some(session) = lock(&self.session).take() else {
             return Ok(());
         };
         let result = detach(&self.target).map_err(|source| Error::Unmount {

@@ -78,6 +78,8 @@ pub struct Tree {
     pub data_link: u64,
     /// Inode of each provider path, for invalidating cached attributes on a swap.
     pub files: Vec<u64>,
+    /// Every directory of the version (the version directory itself as ""), with its path.
+    pub dirs: Vec<(u64, String)>,
     /// Top-level names and their symlink inodes.
     pub top: BTreeMap<OsString, u64>,
 }
@@ -93,6 +95,7 @@ impl Tree {
             version: (OsString::from(version), version_ino),
             data_link,
             files: Vec::new(),
+            dirs: vec![(version_ino, String::new())],
             top: BTreeMap::new(),
         };
         tree.nodes.insert(
@@ -111,8 +114,13 @@ impl Tree {
         );
         for (index, file) in snapshot.files().iter().enumerate() {
             let mut dir = version_ino;
+            let mut prefix = String::new();
             let mut segments = file.path.split('/').peekable();
             while let Some(name) = segments.next() {
+                if !prefix.is_empty() {
+                    prefix.push('/');
+                }
+                prefix.push_str(name);
                 let last = segments.peek().is_none();
                 let existing = tree
                     .children(dir)
@@ -126,6 +134,7 @@ impl Tree {
                     }
                     (None, false) => {
                         let ino = inodes.fresh();
+                        tree.dirs.push((ino, prefix.clone()));
                         tree.add(dir, name, ino, Kind::Dir(BTreeMap::new()))
                     }
                     (Some(ino), false) if tree.children(ino).is_some() => ino,
@@ -191,6 +200,16 @@ impl Tree {
         self.children(parent)?.get(name).copied()
     }
 
+    /// The directory at `path` inside the version directory ("" is the version directory).
+    pub fn dir_at(&self, path: &str) -> Option<u64> {
+        path.split('/')
+            .filter(|s| !s.is_empty())
+            .try_fold(self.version.1, |dir, name| {
+                self.lookup(dir, OsStr::new(name))
+            })
+            .filter(|ino| self.children(*ino).is_some())
+    }
+
     #[allow(clippy::len_without_is_empty)] // never empty: the root is always there
     pub fn len(&self) -> usize {
         self.nodes.len()
@@ -244,6 +263,11 @@ mod tests {
         let c = walk(&tree, "..v1/d/e/c").expect("c");
         assert!(matches!(tree.node(c).map(|n| &n.kind), Some(Kind::File(2))));
         assert_eq!(tree.files.len(), 3);
+        let dirs: Vec<&str> = tree.dirs.iter().map(|(_, p)| p.as_str()).collect();
+        assert_eq!(dirs, ["", "d", "d/e"]);
+        assert_eq!(tree.dir_at("d/e"), walk(&tree, "..v1/d/e"));
+        assert_eq!(tree.dir_at(""), Some(tree.version.1));
+        assert_eq!(tree.dir_at("a"), None, "a file is not a directory");
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! The `fuser` filesystem of one volume: read-only for everyone but the driver's own swap of
 //! `..data`; every open direct I/O; every read served through the mlocked bounce buffer.
 
-use std::ffi::OsStr;
+use std::collections::{HashMap, VecDeque};
+use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, mpsc};
 use std::time::{Duration, SystemTime};
 
@@ -84,6 +85,16 @@ fn file_attr(
     }
 }
 
+/// How many replaced versions keep their directories resolvable.
+const RETIRED_GENERATIONS: usize = 2;
+
+struct Retired {
+    name: OsString,
+    data_link: u64,
+    vdir: u64,
+    dirs: HashMap<u64, String>,
+}
+
 struct Handle {
     bytes: SecretBytes,
     ino: u64,
@@ -96,7 +107,14 @@ pub struct State {
     current: RwLock<Arc<View>>,
     /// The next version while a swap is in flight (served as `..data_tmp`).
     pending: Mutex<Option<Arc<View>>>,
+    /// Whether the driver has created `..data_tmp` for the pending version yet; before that
+    /// the name does not exist (so that creating it succeeds).
+    tmp_linked: AtomicBool,
     inodes: Mutex<Inodes>,
+    /// Directories of the last few replaced versions. A path walk that raced a swap (it read
+    /// `..data` just before) resolves names in them against the current version instead of
+    /// failing with ENOENT.
+    retired: Mutex<VecDeque<Retired>>,
     handles: DashMap<u64, Handle>,
     next_fh: AtomicU64,
     notifier: OnceLock<Notifier>,
@@ -113,7 +131,9 @@ impl State {
         Ok(Arc::new(State {
             current: RwLock::new(view),
             pending: Mutex::new(None),
+            tmp_linked: AtomicBool::new(false),
             inodes: Mutex::new(inodes),
+            retired: Mutex::new(VecDeque::new()),
             handles: DashMap::new(),
             next_fh: AtomicU64::new(1),
             notifier: OnceLock::new(),
@@ -148,11 +168,13 @@ impl State {
             Some(&current.tree.version.0),
         )?;
         *lock(&self.pending) = Some(Arc::clone(&view));
+        self.tmp_linked.store(false, Ordering::SeqCst);
         Ok(view)
     }
 
     pub fn unstage(&self) {
         lock(&self.pending).take();
+        self.tmp_linked.store(false, Ordering::SeqCst);
     }
 
     /// Makes the pending view current. Called from the FUSE rename of `..data_tmp`.
@@ -160,11 +182,62 @@ impl State {
         let Some(next) = lock(&self.pending).take() else {
             return false;
         };
-        match self.current.write() {
-            Ok(mut cur) => *cur = next,
-            Err(poisoned) => *poisoned.into_inner() = next,
+        self.tmp_linked.store(false, Ordering::SeqCst);
+        let old = match self.current.write() {
+            Ok(mut cur) => std::mem::replace(&mut *cur, next),
+            Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), next),
+        };
+        let mut retired = lock(&self.retired);
+        retired.push_back(Retired {
+            name: old.tree.version.0.clone(),
+            data_link: old.tree.data_link,
+            dirs: old.tree.dirs.iter().cloned().collect(),
+            vdir: old.tree.version.1,
+        });
+        while retired.len() > RETIRED_GENERATIONS {
+            retired.pop_front();
         }
         true
+    }
+
+    /// The target of a retired `..data` link.
+    fn retired_link(&self, ino: u64) -> Option<OsString> {
+        lock(&self.retired)
+            .iter()
+            .find(|r| r.data_link == ino)
+            .map(|r| r.name.clone())
+    }
+
+    /// The path inside a version of a retired directory inode.
+    fn retired_dir(&self, ino: u64) -> Option<String> {
+        lock(&self.retired)
+            .iter()
+            .rev()
+            .find_map(|r| r.dirs.get(&ino).cloned())
+    }
+
+    /// The current directory `ino` stands for: itself, or the current counterpart of a
+    /// retired one.
+    fn dir_for(&self, view: &View, ino: u64) -> Option<u64> {
+        if view.tree.children(ino).is_some() {
+            return Some(ino);
+        }
+        view.tree.dir_at(&self.retired_dir(ino)?)
+    }
+
+    /// Looks `name` up in directory `parent` of the current view, following retired
+    /// directories and version names to the current version.
+    fn lookup(&self, view: &View, parent: u64, name: &OsStr) -> Option<u64> {
+        if let Some(ino) = view.tree.lookup(parent, name) {
+            return Some(ino);
+        }
+        if parent == ROOT {
+            return lock(&self.retired)
+                .iter()
+                .find(|r| r.name == name)
+                .map(|r| r.vdir);
+        }
+        view.tree.lookup(self.dir_for(view, parent)?, name)
     }
 
     pub fn open_handles(&self) -> usize {
@@ -173,7 +246,14 @@ impl State {
 
     /// Attributes of `ino` in the current or the pending view.
     fn attr(&self, ino: u64) -> Option<FileAttr> {
-        self.view().attr(ino).or_else(|| self.pending()?.attr(ino))
+        let view = self.view();
+        view.attr(ino)
+            .or_else(|| self.pending()?.attr(ino))
+            .or_else(|| {
+                let time = view.snapshot.created();
+                self.retired_dir(ino)
+                    .map(|_| file_attr(ino, FileType::Directory, DIR_MODE, 0, 2, time))
+            })
     }
 }
 
@@ -222,16 +302,22 @@ pub struct VolumeFs(pub Arc<State>);
 impl Filesystem for VolumeFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         if parent.0 == ROOT && name == DATA_TMP {
-            return match self.0.pending().and_then(|p| p.attr(p.tree.data_link)) {
+            let linked = self.0.tmp_linked.load(Ordering::SeqCst);
+            return match self
+                .0
+                .pending()
+                .filter(|_| linked)
+                .and_then(|p| p.attr(p.tree.data_link))
+            {
                 Some(attr) => reply.entry(&TTL, &attr, Generation(0)),
                 None => reply.error(Errno::ENOENT),
             };
         }
         let view = self.0.view();
-        match view
-            .tree
-            .lookup(parent.0, name)
-            .and_then(|ino| view.attr(ino))
+        match self
+            .0
+            .lookup(&view, parent.0, name)
+            .and_then(|ino| self.0.attr(ino))
         {
             Some(attr) => reply.entry(&TTL, &attr, Generation(0)),
             None => reply.error(Errno::ENOENT),
@@ -267,7 +353,11 @@ impl Filesystem for VolumeFs {
         match node.map(|n| &n.kind) {
             Some(Kind::Symlink(target)) => reply.data(target.as_bytes()),
             Some(_) => reply.error(Errno::EINVAL),
-            None => reply.error(Errno::ENOENT),
+            // A `..data` link replaced by a swap still points at its (retired) version.
+            None => match self.0.retired_link(ino.0) {
+                Some(target) => reply.data(target.as_bytes()),
+                None => reply.error(Errno::ENOENT),
+            },
         }
     }
 
@@ -360,8 +450,8 @@ impl Filesystem for VolumeFs {
         mut reply: ReplyDirectory,
     ) {
         let view = self.0.view();
-        let (Some(children), Some(node)) = (view.tree.children(ino.0), view.tree.node(ino.0))
-        else {
+        let dir = self.0.dir_for(&view, ino.0).unwrap_or(ino.0);
+        let (Some(children), Some(node)) = (view.tree.children(dir), view.tree.node(dir)) else {
             return reply.error(Errno::ENOTDIR);
         };
         let dots = [
@@ -405,7 +495,10 @@ impl Filesystem for VolumeFs {
         match pending {
             Some(p) if parent.0 == ROOT && link_name == DATA_TMP && from_driver(req) => {
                 match p.attr(p.tree.data_link) {
-                    Some(attr) => reply.entry(&TTL, &attr, Generation(0)),
+                    Some(attr) => {
+                        self.0.tmp_linked.store(true, Ordering::SeqCst);
+                        reply.entry(&TTL, &attr, Generation(0))
+                    }
                     None => reply.error(Errno::EIO),
                 }
             }

@@ -1,16 +1,16 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use tokio::sync::Mutex;
 
-use super::{Error, target};
-use crate::class::ClassSource;
+use super::{Error, refresh::Schedule, target};
+use crate::class::{ClassSource, SecretProviderClass};
 use crate::fs;
 use crate::provider::{MountCall, ProviderClient, validate::DEFAULT_MODE};
-use crate::secret_mem::{MemoryKind, SecretMap, Snapshot, secret_json};
+use crate::secret_mem::{MemoryKind, ObjectVersion, SecretMap, Snapshot, secret_json};
 
 /// What kubelet asks to publish, already validated by the CSI layer.
 #[derive(Debug)]
@@ -27,14 +27,18 @@ pub struct PublishRequest {
     pub secrets: SecretMap,
 }
 
-struct Volume {
-    target: PathBuf,
-    namespace: String,
-    pod_name: String,
-    class: String,
-    provider: String,
-    mounted: fs::Mounted,
-    published_at: SystemTime,
+pub(super) struct Volume {
+    pub target: PathBuf,
+    pub namespace: String,
+    pub pod_name: String,
+    pub class: String,
+    pub provider: String,
+    /// The newest volume context and secrets kubelet sent (memory only: tokens are secrets).
+    pub context: SecretMap,
+    pub secrets: SecretMap,
+    pub mounted: Arc<fs::Mounted>,
+    pub published_at: SystemTime,
+    pub schedule: Schedule,
 }
 
 /// A published volume as the outside sees it (no secret bytes).
@@ -52,13 +56,18 @@ pub struct VolumeInfo {
     pub memory_bytes: usize,
     pub open_handles: usize,
     pub published_at: SystemTime,
+    pub rotations: u64,
+    pub last_error: Option<String>,
 }
 
 /// The registry of published volumes and their lifecycle.
 pub struct Manager {
     classes: Arc<dyn ClassSource>,
     provider: ProviderClient,
-    volumes: DashMap<String, Volume>,
+    /// How often a volume is re-fetched; also the least age of the last fetch before a
+    /// republish re-fetches. Zero: never.
+    pub(super) interval: Duration,
+    pub(super) volumes: DashMap<String, Volume>,
     /// target path → volume id, reserved before a publish starts.
     targets: DashMap<PathBuf, String>,
     locks: DashMap<String, Arc<Mutex<()>>>,
@@ -84,26 +93,32 @@ impl Drop for Reservation<'_> {
 }
 
 impl Manager {
-    pub fn new(classes: Arc<dyn ClassSource>, provider: ProviderClient) -> Self {
+    pub fn new(
+        classes: Arc<dyn ClassSource>,
+        provider: ProviderClient,
+        interval: Duration,
+    ) -> Self {
         Manager {
             classes,
             provider,
+            interval,
             volumes: DashMap::new(),
             targets: DashMap::new(),
             locks: DashMap::new(),
         }
     }
 
-    fn lock_for(&self, volume_id: &str) -> Arc<Mutex<()>> {
+    pub(super) fn lock_for(&self, volume_id: &str) -> Arc<Mutex<()>> {
         Arc::clone(self.locks.entry(volume_id.to_string()).or_default().value())
     }
 
-    fn forget_lock(&self, volume_id: &str) {
+    pub(super) fn forget_lock(&self, volume_id: &str) {
         self.locks
             .remove_if(volume_id, |_, l| Arc::strong_count(l) == 1);
     }
 
-    /// Publishes a volume. Publishing the same volume at the same target again is a no-op.
+    /// Publishes a volume. Publishing the same volume at the same target again refreshes it
+    /// (kubelet's `requiresRepublish`) and succeeds even if that refresh fails.
     pub async fn publish(&self, req: PublishRequest) -> Result<(), Error> {
         let lock = self.lock_for(&req.volume_id);
         let result = {
@@ -119,16 +134,16 @@ impl Manager {
 
     async fn publish_locked(&self, req: &PublishRequest) -> Result<(), Error> {
         if let Some(existing) = self.volumes.get(&req.volume_id) {
-            return if existing.target == req.target {
-                tracing::debug!(volume_id = %req.volume_id, "already published; nothing to do");
-                Ok(())
-            } else {
-                Err(Error::AlreadyExists(format!(
+            if existing.target != req.target {
+                return Err(Error::AlreadyExists(format!(
                     "volume_id {} is already published at target_path {}",
                     req.volume_id,
                     existing.target.display()
-                )))
-            };
+                )));
+            }
+            drop(existing);
+            self.republish(req).await;
+            return Ok(());
         }
         match self.targets.entry(req.target.clone()) {
             Entry::Occupied(e) => {
@@ -151,24 +166,8 @@ impl Manager {
         let started = Instant::now();
         let class = self.classes.lookup(&req.namespace, &req.class_name).await?;
         reservation.created_dir = target::prepare(&req.target)?;
-
-        let attributes = secret_json(
-            class
-                .parameters
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .chain(req.context.iter()),
-        );
         let snapshot = self
-            .provider
-            .mount(MountCall {
-                provider: &class.provider,
-                attributes,
-                secrets: secret_json(req.secrets.iter()),
-                target_path: &req.target,
-                permission: DEFAULT_MODE,
-                current: &[],
-            })
+            .fetch(&class, &req.context, &req.secrets, &req.target, &[])
             .await?;
         if target::scrub_provider_writes(&req.target) {
             return Err(Error::ProviderWroteFiles {
@@ -199,11 +198,45 @@ impl Manager {
                 pod_name: req.pod_name.clone(),
                 class: class.name,
                 provider: class.provider,
-                mounted,
+                context: req.context.clone(),
+                secrets: req.secrets.clone(),
+                mounted: Arc::new(mounted),
                 published_at: SystemTime::now(),
+                schedule: Schedule::fetched(self.interval),
             },
         );
         Ok(())
+    }
+
+    /// Fetches a volume's files from its provider into a new snapshot in secret memory.
+    pub(super) async fn fetch(
+        &self,
+        class: &SecretProviderClass,
+        context: &SecretMap,
+        secrets: &SecretMap,
+        target: &Path,
+        current: &[ObjectVersion],
+    ) -> Result<Snapshot, Error> {
+        let params = class
+            .parameters
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()));
+        let snapshot = self
+            .provider
+            .mount(MountCall {
+                provider: &class.provider,
+                attributes: secret_json(params.chain(context.iter())),
+                secrets: secret_json(secrets.iter()),
+                target_path: target,
+                permission: DEFAULT_MODE,
+                current,
+            })
+            .await?;
+        Ok(snapshot)
+    }
+
+    pub(super) fn classes(&self) -> &dyn ClassSource {
+        self.classes.as_ref()
     }
 
     async fn mount(&self, target: &Path, snapshot: Arc<Snapshot>) -> Result<fs::Mounted, Error> {
@@ -229,15 +262,15 @@ impl Manager {
     }
 
     async fn unpublish_locked(&self, volume_id: &str, target_path: &Path) -> Result<(), Error> {
-        let volume = self
+        let mounted = self
             .volumes
             .remove_if(volume_id, |_, v| v.target == target_path)
-            .map(|(_, v)| v);
+            .map(|(_, v)| v.mounted);
         let target = target_path.to_path_buf();
-        let had_volume = volume.is_some();
+        let had_volume = mounted.is_some();
         tokio::task::spawn_blocking(move || -> Result<(), Error> {
-            match volume {
-                Some(v) => v.mounted.unmount()?,
+            match mounted {
+                Some(m) => m.unmount()?,
                 None => {
                     if fs::mount_at(&target).is_some_and(|m| m.is_secretfs()) {
                         fs::detach(&target).map_err(|source| fs::Error::Unmount {
@@ -287,6 +320,8 @@ impl Manager {
                     memory_bytes: snap.region_bytes(),
                     open_handles: v.mounted.open_handles(),
                     published_at: v.published_at,
+                    rotations: v.schedule.rotations,
+                    last_error: v.schedule.last_error.clone(),
                 }
             })
             .collect();

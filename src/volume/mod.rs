@@ -5,9 +5,11 @@
 //! for different volumes run in parallel.
 
 mod manager;
+mod refresh;
 mod target;
 
 pub use manager::{Manager, PublishRequest, VolumeInfo, context};
+pub use refresh::Refresh;
 
 use std::path::PathBuf;
 

@@ -97,11 +97,16 @@ impl Env {
     /// A root with the driver and the example provider running, a class `default/app` for it,
     /// and `secrets` as the provider's store.
     pub fn start(secrets: &str) -> Option<Env> {
+        Env::start_with(secrets, &[], true)
+    }
+
+    /// Like [`Env::start`], with extra driver flags and the provider's `--echo-request` on or off.
+    pub fn start_with(secrets: &str, driver_args: &[&str], echo: bool) -> Option<Env> {
         let mut env = Env::new()?;
         env.write_secrets(secrets);
         env.write_class("default", "app", PROVIDER, &[("role", "reader")]);
-        env.start_provider();
-        env.start_driver(&[]);
+        env.start_provider_with(echo);
+        env.start_driver(driver_args);
         Some(env)
     }
 
@@ -163,6 +168,10 @@ impl Env {
     }
 
     pub fn start_provider(&mut self) {
+        self.start_provider_with(true);
+    }
+
+    pub fn start_provider_with(&mut self, echo: bool) {
         let socket = self.provider_socket();
         let mut child = Command::new(BIN)
             .arg("example-provider")
@@ -170,7 +179,7 @@ impl Env {
             .arg(&socket)
             .arg("--secrets")
             .arg(&self.secrets_file)
-            .arg("--echo-request")
+            .args(echo.then_some("--echo-request"))
             .stdout(Stdio::null())
             .stderr(self.log("provider.log"))
             .spawn()
@@ -187,8 +196,11 @@ impl Env {
         }
     }
 
+    /// Replaces the provider's store atomically (the provider never reads half a file).
     pub fn write_secrets(&self, yaml: &str) {
-        std::fs::write(&self.secrets_file, yaml).expect("write secrets");
+        let tmp = self.secrets_file.with_extension("tmp");
+        std::fs::write(&tmp, yaml).expect("write secrets");
+        std::fs::rename(&tmp, &self.secrets_file).expect("rename secrets");
     }
 
     pub fn write_class(
