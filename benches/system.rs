@@ -1,16 +1,32 @@
-//! System benchmark (figures, not pass/fail): publish/unpublish latency through the CSI socket
-//! with the example provider, and the driver's memory, threads and fds per mounted volume.
+//! System benchmark (figures, not pass/fail), run as root with /dev/fuse:
 //!
-//! `sudo cargo bench --bench system` (root and /dev/fuse). SECRETFS_BENCH_VOLUMES sets the
-//! number of volumes (default 250). Prints a table and writes target/bench/report.json.
+//! `sudo cargo bench --bench system`
+//!
+//! 1. Publish/unpublish latency through the CSI socket with the example provider, and the
+//!    driver's memory, threads and fds per mounted volume (SECRETFS_BENCH_VOLUMES volumes of
+//!    10 files × 4 KiB, default 250).
+//! 2. Rotation: driver CPU while SECRETFS_BENCH_ROTATION_VOLUMES volumes (default 100) are
+//!    refreshed every second with unchanged versions, and the latency from a change in the
+//!    store to the new contents being readable in every volume.
+//!
+//! Prints a table and writes target/bench/report.json.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use common::Env;
+
+type Rows = Vec<(String, f64)>;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
 fn proc_status(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -20,6 +36,21 @@ fn proc_status(pid: u32, key: &str) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// User + system CPU time of a process.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may contain spaces) start at ") ".
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<u64> = rest
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
+    Duration::from_secs_f64(ticks as f64 / hz)
 }
 
 fn fds(pid: u32) -> u64 {
@@ -53,90 +84,207 @@ fn sample(pid: u32) -> Sample {
     }
 }
 
-fn main() {
-    let volumes: usize = std::env::var("SECRETFS_BENCH_VOLUMES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(250);
+fn store(version: u32) -> String {
     let file = base64::engine::general_purpose::STANDARD.encode(vec![0x5au8; 4096]);
-    let mut yaml = String::from("files:\n");
+    let mut yaml =
+        format!("version: \"{version}\"\nfiles:\n  - path: version\n    contents: \"{version}\"\n");
     for i in 0..10 {
         yaml.push_str(&format!("  - path: dir/file-{i}\n    base64: {file}\n"));
     }
-    let Some(env) = Env::start(&yaml) else { return };
+    yaml
+}
+
+async fn publish_phase(env: &Env, volumes: usize) -> Rows {
+    let pid = env.driver_pid();
+    let targets: Vec<_> = (0..volumes)
+        .map(|i| env.target(&format!("pod-{i}")))
+        .collect();
+    // Warm up the connection paths once.
+    env.publish("warmup", &env.target("warmup"))
+        .await
+        .expect("publish");
+    env.unpublish("warmup", &env.target("warmup"))
+        .await
+        .expect("unpublish");
+    let before = sample(pid);
+    let mut node = env.node().await;
+    let mut publish_ms = Vec::with_capacity(volumes);
+    for (i, t) in targets.iter().enumerate() {
+        let req = common::publish_request(&format!("vol-{i}"), t, "app");
+        let start = Instant::now();
+        node.node_publish_volume(req).await.expect("publish");
+        publish_ms.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    // First read of every volume (allocates the FUSE thread's bounce buffer).
+    for t in &targets {
+        std::fs::read(t.join("dir/file-0")).expect("read");
+    }
+    let after = sample(pid);
+    let mut unpublish_ms = Vec::with_capacity(volumes);
+    for (i, t) in targets.iter().enumerate() {
+        let start = Instant::now();
+        env.unpublish(&format!("vol-{i}"), t)
+            .await
+            .expect("unpublish");
+        unpublish_ms.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let end = sample(pid);
+    publish_ms.sort_by(f64::total_cmp);
+    unpublish_ms.sort_by(f64::total_cmp);
+    let n = volumes as f64;
+    let per = |a: u64, b: u64| (a as f64 - b as f64) / n;
+    vec![
+        (
+            "publish latency p50 (ms)".into(),
+            percentile(&publish_ms, 0.5),
+        ),
+        (
+            "publish latency p99 (ms)".into(),
+            percentile(&publish_ms, 0.99),
+        ),
+        (
+            "unpublish latency p50 (ms)".into(),
+            percentile(&unpublish_ms, 0.5),
+        ),
+        (
+            "unpublish latency p99 (ms)".into(),
+            percentile(&unpublish_ms, 0.99),
+        ),
+        (
+            "driver RSS before (MiB)".into(),
+            before.rss_kib as f64 / 1024.0,
+        ),
+        (
+            "driver RSS with all mounted + read (MiB)".into(),
+            after.rss_kib as f64 / 1024.0,
+        ),
+        (
+            "RSS per mounted volume (KiB)".into(),
+            per(after.rss_kib, before.rss_kib),
+        ),
+        (
+            "  of which file-backed: secret data (KiB)".into(),
+            per(after.file_kib, before.file_kib),
+        ),
+        (
+            "  of which anonymous: stacks, buffers (KiB)".into(),
+            per(after.anon_kib, before.anon_kib),
+        ),
+        (
+            "threads per volume".into(),
+            per(after.threads, before.threads),
+        ),
+        ("fds per volume".into(), per(after.fds, before.fds)),
+        (
+            "threads before / after unpublishing all".into(),
+            before.threads as f64,
+        ),
+        ("  after".into(), end.threads as f64),
+        (
+            "fds before / after unpublishing all".into(),
+            before.fds as f64,
+        ),
+        ("  after".into(), end.fds as f64),
+        (
+            "driver RSS after unpublishing all (MiB)".into(),
+            end.rss_kib as f64 / 1024.0,
+        ),
+    ]
+}
+
+async fn rotation_phase(env: &Env, volumes: usize) -> Rows {
+    let pid = env.driver_pid();
+    let targets: Vec<_> = (0..volumes)
+        .map(|i| env.target(&format!("rot-{i}")))
+        .collect();
+    for (i, t) in targets.iter().enumerate() {
+        env.publish(&format!("rot-{i}"), t).await.expect("publish");
+    }
+    // Idle rotation: every volume refreshed each second, nothing changes.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let window = Duration::from_secs(10);
+    let cpu0 = cpu_time(pid);
+    tokio::time::sleep(window).await;
+    let idle_cpu = (cpu_time(pid) - cpu0).as_secs_f64() / window.as_secs_f64() * 100.0;
+
+    // A change in the store: time until every volume serves it.
+    env.write_secrets(&store(2));
+    let start = Instant::now();
+    let mut seen_ms = vec![None; volumes];
+    while seen_ms.iter().any(Option::is_none) && start.elapsed() < Duration::from_secs(10) {
+        for (i, t) in targets.iter().enumerate() {
+            if seen_ms[i].is_none()
+                && std::fs::read_to_string(t.join("version")).is_ok_and(|v| v == "2")
+            {
+                seen_ms[i] = Some(start.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut latency: Vec<f64> = seen_ms.iter().map(|s| s.unwrap_or(f64::INFINITY)).collect();
+    latency.sort_by(f64::total_cmp);
+    for (i, t) in targets.iter().enumerate() {
+        env.unpublish(&format!("rot-{i}"), t)
+            .await
+            .expect("unpublish");
+    }
+    vec![
+        (
+            format!("idle rotation CPU, {volumes} volumes @ 1 s (% of one core)"),
+            idle_cpu,
+        ),
+        (
+            "rotation latency p50, store change → readable (ms)".into(),
+            percentile(&latency, 0.5),
+        ),
+        (
+            "rotation latency max (ms)".into(),
+            latency.last().copied().unwrap_or(0.0),
+        ),
+    ]
+}
+
+fn main() {
+    let volumes = env_usize("SECRETFS_BENCH_VOLUMES", 250);
+    let rotation_volumes = env_usize("SECRETFS_BENCH_ROTATION_VOLUMES", 100);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    let pid = env.driver_pid();
-    let targets: Vec<_> = (0..volumes)
-        .map(|i| env.target(&format!("pod-{i}")))
-        .collect();
-
-    rt.block_on(async {
-        // Warm up the connection paths once.
-        env.publish("warmup", &env.target("warmup")).await.expect("publish");
-        env.unpublish("warmup", &env.target("warmup")).await.expect("unpublish");
-        let before = sample(pid);
-        let mut node = env.node().await;
-        let mut publish_ms = Vec::with_capacity(volumes);
-        for (i, t) in targets.iter().enumerate() {
-            let req = common::publish_request(&format!("vol-{i}"), t, "app");
-            let start = Instant::now();
-            node.node_publish_volume(req).await.expect("publish");
-            publish_ms.push(start.elapsed().as_secs_f64() * 1e3);
-        }
-        // First read of every volume (allocates the FUSE thread's bounce buffer).
-        for t in &targets {
-            std::fs::read(t.join("dir/file-0")).expect("read");
-        }
-        let after = sample(pid);
-        let mut unpublish_ms = Vec::with_capacity(volumes);
-        for (i, t) in targets.iter().enumerate() {
-            let start = Instant::now();
-            env.unpublish(&format!("vol-{i}"), t).await.expect("unpublish");
-            unpublish_ms.push(start.elapsed().as_secs_f64() * 1e3);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        let end = sample(pid);
-        publish_ms.sort_by(f64::total_cmp);
-        unpublish_ms.sort_by(f64::total_cmp);
-
-        let n = volumes as f64;
-        let per_mount_kib = (after.rss_kib as f64 - before.rss_kib as f64) / n;
-        let threads_per = (after.threads as f64 - before.threads as f64) / n;
-        let fds_per = (after.fds as f64 - before.fds as f64) / n;
-        println!("secretfs system benchmark — {volumes} volumes × 10 files × 4 KiB, example provider, one client");
-        println!("{:<44} {:>12}", "metric", "value");
-        let rows = [
-            ("publish latency p50 (ms)", percentile(&publish_ms, 0.5)),
-            ("publish latency p99 (ms)", percentile(&publish_ms, 0.99)),
-            ("unpublish latency p50 (ms)", percentile(&unpublish_ms, 0.5)),
-            ("unpublish latency p99 (ms)", percentile(&unpublish_ms, 0.99)),
-            ("driver RSS before (MiB)", before.rss_kib as f64 / 1024.0),
-            ("driver RSS with all mounted + read (MiB)", after.rss_kib as f64 / 1024.0),
-            ("RSS per mounted volume (KiB)", per_mount_kib),
-            ("  of which file-backed: secret data (KiB)", (after.file_kib as f64 - before.file_kib as f64) / n),
-            ("  of which anonymous: stacks, buffers (KiB)", (after.anon_kib as f64 - before.anon_kib as f64) / n),
-            ("threads per volume", threads_per),
-            ("threads before publishing", before.threads as f64),
-            ("fds per volume", fds_per),
-            ("driver RSS after unpublishing all (MiB)", end.rss_kib as f64 / 1024.0),
-            ("threads after unpublishing all", end.threads as f64),
-            ("fds after unpublishing all", end.fds as f64),
-        ];
-        for (name, value) in rows {
-            println!("{name:<44} {value:>12.2}");
-        }
-        let json = serde_json::json!({
-            "volumes": volumes,
-            "metrics": rows.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
-            "baseline": {"threads": before.threads, "fds": before.fds},
-        });
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
-        std::fs::create_dir_all(&dir).expect("mkdir target/bench");
-        std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(&json).expect("json")).expect("write report");
-        println!("report: {}", dir.join("report.json").display());
+    let mut rows = Rows::new();
+    {
+        let Some(env) = Env::start_with(&store(1), &["--enable-secret-rotation=false"], false)
+        else {
+            return;
+        };
+        rows.extend(rt.block_on(publish_phase(&env, volumes)));
+    }
+    {
+        let Some(env) = Env::start_with(&store(1), &["--rotation-interval", "1s"], false) else {
+            return;
+        };
+        rows.extend(rt.block_on(rotation_phase(&env, rotation_volumes)));
+    }
+    println!(
+        "secretfs system benchmark — {volumes} volumes × 10 files × 4 KiB for publish; {rotation_volumes} volumes for rotation; example provider"
+    );
+    println!("{:<56} {:>10}", "metric", "value");
+    for (name, value) in &rows {
+        println!("{name:<56} {value:>10.2}");
+    }
+    let json = serde_json::json!({
+        "publish_volumes": volumes,
+        "rotation_volumes": rotation_volumes,
+        "metrics": rows.iter().map(|(k, v)| serde_json::json!({"metric": k, "value": v})).collect::<Vec<_>>(),
     });
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&dir).expect("mkdir target/bench");
+    std::fs::write(
+        dir.join("report.json"),
+        serde_json::to_string_pretty(&json).expect("json"),
+    )
+    .expect("write report");
+    println!("report: {}", dir.join("report.json").display());
 }

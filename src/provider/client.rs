@@ -33,7 +33,15 @@ pub struct MountCall<'a> {
     pub target_path: &'a Path,
     /// Default file mode, e.g. 0o644.
     pub permission: u32,
-    pub current: &'a [ObjectVersion],
+    /// What the volume serves now (its versions are sent as `current_object_version`).
+    pub current: Option<&'a Snapshot>,
+}
+
+/// The result of a fetch for a volume that already has contents.
+pub enum Fetched {
+    /// Same object versions, paths, modes and bytes as the current snapshot.
+    Unchanged,
+    New(Snapshot),
 }
 
 /// A Mount response whose file contents are wiped when it goes out of scope, on every path.
@@ -72,6 +80,28 @@ impl ProviderClient {
     /// Fetches a volume's files and copies them into a new secret-memory snapshot.
     pub async fn mount(&self, call: MountCall<'_>) -> Result<Snapshot, Error> {
         let provider = call.provider.to_string();
+        let response = self.call(call).await?;
+        self.to_snapshot(&provider, &response)
+    }
+
+    /// Fetches a volume again; copies into secret memory only if something changed.
+    pub async fn refresh(&self, call: MountCall<'_>) -> Result<Fetched, Error> {
+        let provider = call.provider.to_string();
+        let current = call.current;
+        let response = self.call(call).await?;
+        if let Some(current) = current {
+            if let Some(e) = provider_error(&provider, &response.0) {
+                return Err(e);
+            }
+            if unchanged(&response.0, current) {
+                return Ok(Fetched::Unchanged);
+            }
+        }
+        self.to_snapshot(&provider, &response).map(Fetched::New)
+    }
+
+    async fn call(&self, call: MountCall<'_>) -> Result<Wiped, Error> {
+        let provider = call.provider.to_string();
         let socket = self.socket_for(&provider)?;
         let request = MountRequest {
             attributes: call.attributes.expose_secret().to_string(),
@@ -80,6 +110,8 @@ impl ProviderClient {
             permission: call.permission.to_string(),
             current_object_version: call
                 .current
+                .map(Snapshot::versions)
+                .unwrap_or_default()
                 .iter()
                 .map(|v| WireVersion {
                     id: v.id.clone(),
@@ -110,7 +142,7 @@ impl ProviderClient {
         let response = tokio::time::timeout(self.timeout, call_fut)
             .await
             .map_err(|_| timeout_err())??;
-        self.to_snapshot(&provider, Wiped(response.into_inner()))
+        Ok(Wiped(response.into_inner()))
     }
 
     fn status_error(&self, provider: &str, status: tonic::Status) -> Error {
@@ -140,22 +172,14 @@ impl ProviderClient {
         }
     }
 
-    fn to_snapshot(&self, provider: &str, response: Wiped) -> Result<Snapshot, Error> {
+    fn to_snapshot(&self, provider: &str, response: &Wiped) -> Result<Snapshot, Error> {
         let resp = &response.0;
         let invalid = |reason: String| Error::InvalidResponse {
             provider: provider.to_string(),
             reason,
         };
-        if let Some(code) = resp
-            .error
-            .as_ref()
-            .map(|e| &e.code)
-            .filter(|c| !c.is_empty())
-        {
-            return Err(Error::Provider {
-                provider: provider.to_string(),
-                code: code.clone(),
-            });
+        if let Some(e) = provider_error(provider, resp) {
+            return Err(e);
         }
         if resp.object_version.is_empty() {
             return Err(invalid("object_version is empty".into()));
@@ -183,8 +207,38 @@ impl ProviderClient {
             })
             .collect();
         Ok(builder.finish(versions))
-        // `response` drops here and wipes every contents buffer.
+        // The caller's `Wiped` response wipes every contents buffer when it drops.
     }
+}
+
+/// The provider's own error code, if it set one.
+fn provider_error(provider: &str, resp: &MountResponse) -> Option<Error> {
+    let code = resp
+        .error
+        .as_ref()
+        .map(|e| &e.code)
+        .filter(|c| !c.is_empty())?;
+    Some(Error::Provider {
+        provider: provider.to_string(),
+        code: code.clone(),
+    })
+}
+
+/// Whether a response carries exactly what `current` holds: object versions, paths, modes
+/// (as they would be served) and bytes.
+fn unchanged(resp: &MountResponse, current: &Snapshot) -> bool {
+    let versions = current.versions();
+    let files = current.files();
+    resp.object_version.len() == versions.len()
+        && resp
+            .object_version
+            .iter()
+            .zip(versions)
+            .all(|(a, b)| a.id == b.id && a.version == b.version)
+        && resp.files.len() == files.len()
+        && resp.files.iter().zip(files).all(|(a, b)| {
+            a.path == b.path && file_mode(a.mode) == b.mode && a.contents == b.bytes.expose()
+        })
 }
 
 /// An error and its sources on one line (tonic's transport errors hide the cause).
@@ -197,4 +251,51 @@ fn source_chain(e: &dyn std::error::Error) -> String {
         cur = s.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::provider::File;
+
+    fn response(files: &[(&str, i32, &[u8])], version: &str) -> MountResponse {
+        MountResponse {
+            object_version: vec![WireVersion {
+                id: "o".into(),
+                version: version.into(),
+            }],
+            error: None,
+            files: files
+                .iter()
+                .map(|(p, m, c)| File {
+                    path: p.to_string(),
+                    mode: *m,
+                    contents: c.to_vec(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn unchanged_compares_versions_paths_modes_and_bytes() {
+        let client = ProviderClient {
+            dirs: vec![],
+            timeout: Duration::from_secs(1),
+            max_volume_bytes: 1024,
+        };
+        let base = Wiped(response(&[("x", 0, b"1")], "1"));
+        let current = client.to_snapshot("p", &base).expect("snapshot");
+        assert!(
+            unchanged(&response(&[("x", 0o644, b"1")], "1"), &current),
+            "mode 0 is served as 0644"
+        );
+        assert!(!unchanged(&response(&[("x", 0, b"2")], "1"), &current));
+        assert!(!unchanged(&response(&[("x", 0, b"1")], "2"), &current));
+        assert!(!unchanged(&response(&[("y", 0, b"1")], "1"), &current));
+        assert!(!unchanged(&response(&[("x", 0o600, b"1")], "1"), &current));
+        assert!(!unchanged(
+            &response(&[("x", 0, b"1"), ("z", 0, b"")], "1"),
+            &current
+        ));
+    }
 }

@@ -6,7 +6,7 @@ mod client;
 pub mod example;
 pub mod validate;
 
-pub use client::{MountCall, ProviderClient};
+pub use client::{Fetched, MountCall, ProviderClient};
 
 /// A provider fetch that failed. Messages name the provider and the bad field, never contents.
 #[derive(Debug, thiserror::Error)]

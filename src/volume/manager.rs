@@ -10,7 +10,7 @@ use super::{Error, refresh::Schedule, target};
 use crate::class::{ClassSource, SecretProviderClass};
 use crate::fs;
 use crate::provider::{MountCall, ProviderClient, validate::DEFAULT_MODE};
-use crate::secret_mem::{MemoryKind, ObjectVersion, SecretMap, Snapshot, secret_json};
+use crate::secret_mem::{MemoryKind, SecretMap, Snapshot, secret_json};
 
 /// What kubelet asks to publish, already validated by the CSI layer.
 #[derive(Debug)]
@@ -166,9 +166,8 @@ impl Manager {
         let started = Instant::now();
         let class = self.classes.lookup(&req.namespace, &req.class_name).await?;
         reservation.created_dir = target::prepare(&req.target)?;
-        let snapshot = self
-            .fetch(&class, &req.context, &req.secrets, &req.target, &[])
-            .await?;
+        let call = Self::mount_call(&class, &req.context, &req.secrets, &req.target, None);
+        let snapshot = self.provider.mount(call).await?;
         if target::scrub_provider_writes(&req.target) {
             return Err(Error::ProviderWroteFiles {
                 provider: class.provider.clone(),
@@ -208,31 +207,31 @@ impl Manager {
         Ok(())
     }
 
-    /// Fetches a volume's files from its provider into a new snapshot in secret memory.
-    pub(super) async fn fetch(
-        &self,
-        class: &SecretProviderClass,
+    /// The provider call for a volume: class parameters merged with the volume context as
+    /// `attributes`, the request's secrets as `secrets`.
+    pub(super) fn mount_call<'a>(
+        class: &'a SecretProviderClass,
         context: &SecretMap,
         secrets: &SecretMap,
-        target: &Path,
-        current: &[ObjectVersion],
-    ) -> Result<Snapshot, Error> {
+        target: &'a Path,
+        current: Option<&'a Snapshot>,
+    ) -> MountCall<'a> {
         let params = class
             .parameters
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()));
-        let snapshot = self
-            .provider
-            .mount(MountCall {
-                provider: &class.provider,
-                attributes: secret_json(params.chain(context.iter())),
-                secrets: secret_json(secrets.iter()),
-                target_path: target,
-                permission: DEFAULT_MODE,
-                current,
-            })
-            .await?;
-        Ok(snapshot)
+        MountCall {
+            provider: &class.provider,
+            attributes: secret_json(params.chain(context.iter())),
+            secrets: secret_json(secrets.iter()),
+            target_path: target,
+            permission: DEFAULT_MODE,
+            current,
+        }
+    }
+
+    pub(super) fn provider(&self) -> &ProviderClient {
+        &self.provider
     }
 
     pub(super) fn classes(&self) -> &dyn ClassSource {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::manager::Manager;
 use super::{Error, PublishRequest};
-use crate::secret_mem::Snapshot;
+use crate::provider::Fetched;
 
 /// The first retry after a failed refresh; doubles per failure, capped at the interval.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
@@ -65,14 +65,6 @@ pub enum Refresh {
     Rotated,
     /// The volume was unpublished meanwhile.
     Gone,
-}
-
-fn same_contents(a: &Snapshot, b: &Snapshot) -> bool {
-    a.versions() == b.versions()
-        && a.files().len() == b.files().len()
-        && a.files().iter().zip(b.files()).all(|(x, y)| {
-            x.path == y.path && x.mode == y.mode && x.bytes.expose() == y.bytes.expose()
-        })
 }
 
 impl Manager {
@@ -177,13 +169,11 @@ impl Manager {
         };
         let current = mounted.snapshot();
         let class = self.classes().lookup(&namespace, &class).await?;
-        let next = self
-            .fetch(&class, &context, &secrets, &target, current.versions())
-            .await?;
-        if same_contents(&current, &next) {
-            return Ok(Refresh::Unchanged);
-        }
-        let next = Arc::new(next);
+        let call = Self::mount_call(&class, &context, &secrets, &target, Some(&current));
+        let next = match self.provider().refresh(call).await? {
+            Fetched::Unchanged => return Ok(Refresh::Unchanged),
+            Fetched::New(next) => Arc::new(next),
+        };
         tokio::task::spawn_blocking(move || mounted.swap(next))
             .await
             .map_err(|e| Error::Internal(format!("swap task: {e}")))??;
@@ -194,28 +184,6 @@ impl Manager {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::secret_mem::{ObjectVersion, SnapshotBuilder};
-
-    fn snap(files: &[(&str, &[u8])], version: &str) -> Snapshot {
-        let mut b = SnapshotBuilder::new(64).expect("region");
-        for (p, c) in files {
-            b.add(p.to_string(), 0o644, c).expect("add");
-        }
-        b.finish(vec![ObjectVersion {
-            id: "o".into(),
-            version: version.into(),
-        }])
-    }
-
-    #[test]
-    fn contents_compare_by_version_path_mode_and_bytes() {
-        let a = snap(&[("x", b"1")], "1");
-        assert!(same_contents(&a, &snap(&[("x", b"1")], "1")));
-        assert!(!same_contents(&a, &snap(&[("x", b"2")], "1")));
-        assert!(!same_contents(&a, &snap(&[("x", b"1")], "2")));
-        assert!(!same_contents(&a, &snap(&[("y", b"1")], "1")));
-        assert!(!same_contents(&a, &snap(&[("x", b"1"), ("z", b"")], "1")));
-    }
 
     #[test]
     fn failures_back_off_up_to_the_interval() {
