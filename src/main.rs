@@ -11,6 +11,11 @@ use secretfs::provider::ProviderClient;
 use secretfs::provider::example::{self, ExampleProvider};
 use secretfs::volume::Manager;
 
+/// Every heap block is wiped before it is freed (see `secret_mem::alloc`).
+#[global_allocator]
+static ALLOC: secretfs::secret_mem::alloc::ZeroizingAlloc =
+    secretfs::secret_mem::alloc::ZeroizingAlloc;
+
 #[derive(Parser)]
 #[command(
     name = "secretfs",

@@ -7,6 +7,7 @@
 //! before they are unmapped. Reads reach the kernel through a per-thread mlocked bounce buffer
 //! ([`with_bounce`]) because the kernel cannot pin memfd_secret pages for a FUSE reply.
 
+pub mod alloc;
 mod bounce;
 mod map;
 mod region;
