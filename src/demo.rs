@@ -19,7 +19,7 @@ use crate::proto::csi::{
 };
 use crate::provider::ProviderClient;
 use crate::provider::example::{self, ExampleProvider};
-use crate::secret_mem::Region;
+use crate::secret_mem::{MemoryKind, Region};
 use crate::volume::Manager;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -176,7 +176,7 @@ async fn steps(
         "  driver {} {} · secret memory: {} · provider socket: {}",
         info.name,
         info.vendor_version,
-        Region::preferred_kind().as_str(),
+        Region::preferred_kind().map_or("unavailable", MemoryKind::as_str),
         provider_sock.display()
     );
 
@@ -278,7 +278,7 @@ async fn steps(
     }
     println!(
         "done: the secret bytes lived only in {} memory and are now zeroized.",
-        Region::preferred_kind().as_str()
+        Region::preferred_kind().map_or("unavailable", MemoryKind::as_str)
     );
     Ok(())
 }

@@ -9,6 +9,7 @@ use secretfs::class::{ClassSource, DirSource};
 use secretfs::csi::{IdentityService, NodeService};
 use secretfs::provider::ProviderClient;
 use secretfs::provider::example::{self, ExampleProvider};
+use secretfs::secret_mem::{MemoryKind, MemoryPolicy, Region};
 use secretfs::volume::Manager;
 
 /// Every heap block is wiped before it is freed (see `secret_mem::alloc`).
@@ -89,6 +90,13 @@ pub struct ServeArgs {
     /// refreshed only when kubelet republishes them (CSIDriver requiresRepublish).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     enable_secret_rotation: bool,
+    /// Where secrets live: memfd_secret where the kernel allows it, else mlocked memory
+    /// (auto); memfd_secret or refuse to publish (memfd-secret); always mlocked memory (mlock).
+    #[arg(long, value_enum, default_value_t = MemoryArg::Auto)]
+    memory: MemoryArg,
+    /// Same as --memory memfd-secret.
+    #[arg(long, conflicts_with = "memory")]
+    require_secret_memory: bool,
     /// Most provider calls the background refresh makes at once.
     #[arg(long, default_value_t = 4)]
     rotation_concurrency: usize,
@@ -98,6 +106,13 @@ pub struct ServeArgs {
     /// Deadline for one provider Mount call (e.g. 30s).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     provider_timeout: Duration,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum MemoryArg {
+    Auto,
+    MemfdSecret,
+    Mlock,
 }
 
 fn parse_interval(s: &str) -> Result<Duration, String> {
@@ -112,7 +127,8 @@ fn init_logging(format: LogFormat, default_level: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -136,6 +152,11 @@ async fn shutdown_signal() {
 
 async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let socket = secretfs::grpc_uds::socket_path(&args.endpoint)?;
+    secretfs::secret_mem::set_policy(match (args.memory, args.require_secret_memory) {
+        (_, true) | (MemoryArg::MemfdSecret, _) => MemoryPolicy::RequireSecretMem,
+        (MemoryArg::Mlock, _) => MemoryPolicy::Locked,
+        (MemoryArg::Auto, _) => MemoryPolicy::Auto,
+    });
     std::fs::create_dir_all(&args.state_dir)
         .map_err(|e| format!("--state-dir {}: {e}", args.state_dir.display()))?;
     let classes: Arc<dyn ClassSource> = match &args.class_dir {
@@ -156,7 +177,7 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send +
         node = %args.node_id,
         providers = ?args.provider_dirs,
         rotation_interval = ?args.rotation_interval,
-        memory = secretfs::secret_mem::Region::preferred_kind().as_str(),
+        memory = Region::preferred_kind().map_or("unavailable: publishes will fail", MemoryKind::as_str),
         "starting secretfs"
     );
     let manager = Arc::new(Manager::new(classes, provider, args.rotation_interval));

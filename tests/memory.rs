@@ -207,3 +207,56 @@ async fn no_copy_of_a_secret_in_driver_memory_or_on_disk() {
         &[&m1, &m2],
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mlock_fallback_is_used_and_reported_when_asked_for() {
+    let secret = marker("LOCKED");
+    let Some(env) = Env::start_with(&store(1, &secret), &["--memory", "mlock"], false) else {
+        return;
+    };
+    let target = env.target("pod-mlock");
+    env.publish("vol-mlock", &target).await.expect("publish");
+    assert_eq!(
+        std::fs::read_to_string(target.join("db/password")).expect("read"),
+        secret
+    );
+    let pid = env.driver_pid();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    assert!(
+        !maps.contains("secretmem"),
+        "--memory mlock still used memfd_secret"
+    );
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let locked_kib: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmLck:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("VmLck");
+    assert!(locked_kib >= 4, "no locked memory: {locked_kib} kB");
+    let log = std::fs::read_to_string(env.root.join("driver.log")).expect("log");
+    assert!(
+        log.contains("memory=\"mlock\""),
+        "memory kind not reported:\n{log}"
+    );
+    env.unpublish("vol-mlock", &target)
+        .await
+        .expect("unpublish");
+}
+
+#[test]
+fn contradictory_memory_flags_are_refused() {
+    let out = std::process::Command::new(common::BIN)
+        .args([
+            "serve",
+            "--node-id",
+            "n",
+            "--memory",
+            "mlock",
+            "--require-secret-memory",
+        ])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--require-secret-memory"));
+}

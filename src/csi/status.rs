@@ -21,6 +21,9 @@ impl From<volume::Error> for Status {
                 provider::Error::InvalidName(_)
                 | provider::Error::InvalidResponse { .. }
                 | provider::Error::TooLarge { .. } => Status::failed_precondition(message),
+                provider::Error::Memory(crate::secret_mem::Error::SecretMemRequired) => {
+                    Status::failed_precondition(message)
+                }
                 provider::Error::Call { .. }
                 | provider::Error::Provider { .. }
                 | provider::Error::Memory(_) => Status::internal(message),

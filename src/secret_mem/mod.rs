@@ -15,7 +15,7 @@ mod snapshot;
 
 pub use bounce::with_bounce;
 pub use map::{SecretMap, secret_json};
-pub use region::{MemoryKind, Region, SealedRegion};
+pub use region::{MemoryKind, MemoryPolicy, Region, SealedRegion, set_policy};
 pub use snapshot::{ObjectVersion, SecretBytes, SecretFile, Snapshot, SnapshotBuilder};
 
 /// Failures to obtain or prepare locked memory. Never carries secret bytes.
@@ -27,6 +27,10 @@ pub enum Error {
     Lock { len: usize, source: std::io::Error },
     #[error("memfd_secret region of {len} bytes could not be sized: {source}")]
     Size { len: usize, source: std::io::Error },
+    #[error(
+        "memfd_secret is unavailable on this kernel and --memory memfd-secret (--require-secret-memory) is set"
+    )]
+    SecretMemRequired,
     #[error("snapshot needs {needed} bytes but its region holds {capacity}")]
     Overflow { needed: usize, capacity: usize },
 }

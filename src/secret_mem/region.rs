@@ -49,6 +49,29 @@ fn page_size() -> usize {
     })
 }
 
+/// Which memory secrets may live in, chosen once per process (`--memory`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MemoryPolicy {
+    /// memfd_secret where the kernel allows it, else mlocked memory.
+    #[default]
+    Auto,
+    /// memfd_secret or nothing: publishes fail where the kernel refuses it.
+    RequireSecretMem,
+    /// Always mlocked memory (e.g. where memfd_secret's block on hibernation matters).
+    Locked,
+}
+
+static POLICY: OnceLock<MemoryPolicy> = OnceLock::new();
+
+/// Sets the process's memory policy; only the first call counts.
+pub fn set_policy(policy: MemoryPolicy) {
+    let _ = POLICY.set(policy);
+}
+
+fn policy() -> MemoryPolicy {
+    POLICY.get().copied().unwrap_or_default()
+}
+
 /// Whether this process can use memfd_secret, probed once.
 fn secretmem_available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
@@ -62,21 +85,22 @@ fn secretmem_available() -> bool {
 }
 
 impl Region {
-    /// Allocates at least `len` bytes of the best memory this kernel offers.
+    /// Allocates at least `len` bytes of the memory the process policy asks for.
     pub fn new(len: usize) -> Result<Region, Error> {
-        if secretmem_available() {
-            Region::with_kind(len, MemoryKind::SecretMem)
-        } else {
-            Region::with_kind(len, MemoryKind::Locked)
+        match Region::preferred_kind() {
+            Some(kind) => Region::with_kind(len, kind),
+            None => Err(Error::SecretMemRequired),
         }
     }
 
-    /// The kind [`Region::new`] allocates in this process.
-    pub fn preferred_kind() -> MemoryKind {
-        if secretmem_available() {
-            MemoryKind::SecretMem
-        } else {
-            MemoryKind::Locked
+    /// The kind [`Region::new`] allocates in this process, or `None` when the policy demands
+    /// memfd_secret and the kernel refuses it.
+    pub fn preferred_kind() -> Option<MemoryKind> {
+        match policy() {
+            MemoryPolicy::Locked => Some(MemoryKind::Locked),
+            MemoryPolicy::Auto if !secretmem_available() => Some(MemoryKind::Locked),
+            MemoryPolicy::RequireSecretMem if !secretmem_available() => None,
+            _ => Some(MemoryKind::SecretMem),
         }
     }
 
