@@ -107,6 +107,7 @@ pub async fn run() -> Result<(), BoxError> {
             max_volume_bytes: 4 << 20,
         },
         Duration::ZERO, // no rotation in the demo
+        true,
     ));
     let result = steps(&dir, Arc::clone(&manager), stopped).await;
     // Clean up whatever happened: unmount, stop the servers, remove the directory.

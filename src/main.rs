@@ -97,6 +97,10 @@ pub struct ServeArgs {
     /// Same as --memory memfd-secret.
     #[arg(long, conflicts_with = "memory")]
     require_secret_memory: bool,
+    /// Only processes in the volume's pod (by cgroup; needs hostPID) may open its files, even as
+    /// root. Volumes without csi.storage.k8s.io/pod.uid are not bound.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    bind_readers_to_pod: bool,
     /// Most provider calls the background refresh makes at once.
     #[arg(long, default_value_t = 4)]
     rotation_concurrency: usize,
@@ -180,7 +184,12 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send +
         memory = Region::preferred_kind().map_or("unavailable: publishes will fail", MemoryKind::as_str),
         "starting secretfs"
     );
-    let manager = Arc::new(Manager::new(classes, provider, args.rotation_interval));
+    let manager = Arc::new(Manager::new(
+        classes,
+        provider,
+        args.rotation_interval,
+        args.bind_readers_to_pod,
+    ));
     let rotation = if args.enable_secret_rotation {
         secretfs::rotation::spawn(
             Arc::clone(&manager),

@@ -276,10 +276,17 @@ async fn identity_and_node_info() {
         .await
         .expect("caps")
         .into_inner();
-    assert!(
-        caps.capabilities.is_empty(),
-        "no STAGE_UNSTAGE: kubelet must not call NodeStageVolume"
-    );
+    // Only VOLUME_MOUNT_GROUP (6): no STAGE_UNSTAGE, so kubelet never calls NodeStageVolume.
+    use secretfs::proto::csi::node_service_capability::Type;
+    let rpcs: Vec<i32> = caps
+        .capabilities
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(Type::Rpc(rpc)) => Some(rpc.r#type),
+            None => None,
+        })
+        .collect();
+    assert_eq!(rpcs, [6]);
     let err = node
         .node_stage_volume(NodeStageVolumeRequest::default())
         .await

@@ -3,13 +3,17 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use crate::fs::Ownership;
+use crate::proto::csi::NodeServiceCapability;
 use crate::proto::csi::node_server::Node;
+use crate::proto::csi::node_service_capability::{Rpc, Type as CapType, rpc::Type as RpcType};
 use crate::proto::csi::volume_capability::AccessType;
 use crate::proto::csi::{
     NodeGetCapabilitiesRequest, NodeGetCapabilitiesResponse, NodeGetInfoRequest,
     NodeGetInfoResponse, NodePublishVolumeRequest, NodePublishVolumeResponse,
     NodeUnpublishVolumeRequest, NodeUnpublishVolumeResponse,
 };
+use crate::provider::validate::DEFAULT_MODE;
 use crate::secret_mem::SecretMap;
 use crate::volume::{Manager, PublishRequest, context};
 
@@ -54,6 +58,21 @@ fn target_path(value: &str) -> Result<PathBuf, Status> {
     Ok(path.to_path_buf())
 }
 
+/// A numeric uid/gid volume attribute, if set.
+fn numeric_attribute(
+    context: &std::collections::HashMap<String, String>,
+    key: &str,
+) -> Result<Option<u32>, Status> {
+    context
+        .get(key)
+        .map(|v| {
+            v.parse::<u32>().map_err(|_| {
+                Status::invalid_argument(format!("volume_context.{key} {v:?} must be a numeric id"))
+            })
+        })
+        .transpose()
+}
+
 /// Checks a publish request as kubelet sends it for an inline ephemeral volume and turns it
 /// into what the volume manager needs.
 fn publish_request(req: NodePublishVolumeRequest) -> Result<PublishRequest, Status> {
@@ -63,8 +82,14 @@ fn publish_request(req: NodePublishVolumeRequest) -> Result<PublishRequest, Stat
         .volume_capability
         .as_ref()
         .ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
-    match capability.access_type {
-        Some(AccessType::Mount(_)) => {}
+    let mount_group = match &capability.access_type {
+        Some(AccessType::Mount(m)) if m.volume_mount_group.is_empty() => None,
+        Some(AccessType::Mount(m)) => Some(m.volume_mount_group.parse::<u32>().map_err(|_| {
+            Status::invalid_argument(format!(
+                "volume_capability.mount.volume_mount_group {:?} must be a numeric group id",
+                m.volume_mount_group
+            ))
+        })?),
         Some(AccessType::Block(_)) => {
             return Err(Status::invalid_argument(
                 "volume_capability.block is not supported: secretfs volumes are mount volumes",
@@ -75,7 +100,7 @@ fn publish_request(req: NodePublishVolumeRequest) -> Result<PublishRequest, Stat
                 "volume_capability.access_type is required (mount)",
             ));
         }
-    }
+    };
     if !req.readonly {
         return Err(Status::invalid_argument(
             "readonly must be true: secretfs volumes are read-only (set readOnly: true on the pod's volume)",
@@ -94,12 +119,36 @@ fn publish_request(req: NodePublishVolumeRequest) -> Result<PublishRequest, Stat
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| "default".into());
     let pod_name = field(context::POD_NAME);
+    let pod_uid = Some(field(context::POD_UID)).filter(|u| !u.is_empty());
+    let file_owner = numeric_attribute(&req.volume_context, context::FILE_OWNER)?;
+    let file_group = numeric_attribute(&req.volume_context, context::FILE_GROUP)?;
+    let default_mode = match req.volume_context.get(context::FILE_MODE) {
+        None => DEFAULT_MODE,
+        Some(text) => u32::from_str_radix(text.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "volume_context.{} {text:?} must be an octal mode like 0440",
+                    context::FILE_MODE
+                ))
+            })?,
+    };
+    // The pod's fsGroup (VOLUME_MOUNT_GROUP) wins over fileGroup and makes files group-readable.
+    let owner = Ownership {
+        uid: file_owner.unwrap_or(0),
+        gid: mount_group.or(file_group).unwrap_or(0),
+        group_readable: mount_group.is_some(),
+    };
     Ok(PublishRequest {
         volume_id,
         target,
         class_name,
         namespace,
         pod_name,
+        pod_uid,
+        owner,
+        default_mode,
         context: SecretMap::from(req.volume_context),
         secrets: SecretMap::from(req.secrets),
     })
@@ -141,7 +190,16 @@ impl Node for NodeService {
         &self,
         _: Request<NodeGetCapabilitiesRequest>,
     ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
-        Ok(Response::new(NodeGetCapabilitiesResponse::default()))
+        // VOLUME_MOUNT_GROUP: kubelet passes the pod's fsGroup as volume_mount_group and does
+        // not chown or chmod the (read-only) volume itself.
+        let mount_group = NodeServiceCapability {
+            r#type: Some(CapType::Rpc(Rpc {
+                r#type: RpcType::VolumeMountGroup as i32,
+            })),
+        };
+        Ok(Response::new(NodeGetCapabilitiesResponse {
+            capabilities: vec![mount_group],
+        }))
     }
 
     async fn node_get_info(

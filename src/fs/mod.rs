@@ -8,6 +8,7 @@
 //! the kernel reports the swap to inotify watchers. The filesystem itself refuses every change
 //! except that swap, and the swap from anyone but the driver.
 
+mod access;
 mod mounts;
 mod tree;
 mod volume_fs;
@@ -20,6 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use fuser::{BackgroundSession, Config, INodeNo, MountOption, Session, SessionACL};
 
+pub use access::{Ownership, Settings, cgroup_has_pod};
 pub use mounts::{FSNAME, MountEntry, cached_pages, detach, mount_at, mount_table};
 use volume_fs::{State, VolumeFs};
 
@@ -132,8 +134,8 @@ fn remount_read_only(target: &Path) -> std::io::Result<()> {
 
 /// Mounts `snapshot` at `target` (an existing, empty directory). Blocking: call it from a
 /// blocking context.
-pub fn mount(target: &Path, snapshot: Arc<Snapshot>) -> Result<Mounted, Error> {
-    let state = State::new(snapshot).map_err(Error::Layout)?;
+pub fn mount(target: &Path, snapshot: Arc<Snapshot>, settings: Settings) -> Result<Mounted, Error> {
+    let state = State::new(snapshot, settings).map_err(Error::Layout)?;
     let mount_err = |source| Error::Mount {
         target: target.to_path_buf(),
         source,
@@ -162,6 +164,11 @@ impl Mounted {
     /// The snapshot new opens are served from.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         Arc::clone(&self.state.view().snapshot)
+    }
+
+    /// Whether only the pod's own processes may open files.
+    pub fn reader_binding(&self) -> bool {
+        self.state.reader_binding()
     }
 
     /// Files currently open through this mount.

@@ -16,6 +16,7 @@ use fuser::{
     ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
+use super::access::{AuditLog, Caller, Ownership, Settings};
 use super::tree::{DATA, DATA_TMP, Inodes, Kind, ROOT, Tree, version_name};
 use crate::secret_mem::{SecretBytes, Snapshot, with_bounce};
 
@@ -29,6 +30,7 @@ const BLOCK: u32 = 4096;
 pub struct View {
     pub snapshot: Arc<Snapshot>,
     pub tree: Tree,
+    owner: Ownership,
 }
 
 impl View {
@@ -40,7 +42,7 @@ impl View {
                 let f = self.snapshot.files().get(*i)?;
                 (
                     FileType::RegularFile,
-                    f.mode as u16,
+                    self.owner.file_perm(f.mode),
                     f.bytes.len() as u64,
                     1,
                 )
@@ -54,6 +56,7 @@ impl View {
             size,
             nlink,
             self.snapshot.created(),
+            &self.owner,
         ))
     }
 }
@@ -65,6 +68,7 @@ fn file_attr(
     size: u64,
     nlink: u32,
     time: SystemTime,
+    owner: &Ownership,
 ) -> FileAttr {
     FileAttr {
         ino: INodeNo(ino),
@@ -77,8 +81,8 @@ fn file_attr(
         kind,
         perm,
         nlink,
-        uid: 0,
-        gid: 0,
+        uid: owner.uid,
+        gid: owner.gid,
         rdev: 0,
         blksize: BLOCK,
         flags: 0,
@@ -118,6 +122,8 @@ pub struct State {
     handles: DashMap<u64, Handle>,
     next_fh: AtomicU64,
     notifier: OnceLock<Notifier>,
+    settings: Settings,
+    audit: AuditLog,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -125,9 +131,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl State {
-    pub fn new(snapshot: Arc<Snapshot>) -> Result<Arc<State>, String> {
+    pub fn new(snapshot: Arc<Snapshot>, settings: Settings) -> Result<Arc<State>, String> {
         let mut inodes = Inodes::default();
-        let view = build(snapshot, &mut inodes, None)?;
+        let view = build(snapshot, &mut inodes, None, settings.owner)?;
         Ok(Arc::new(State {
             current: RwLock::new(view),
             pending: Mutex::new(None),
@@ -137,6 +143,8 @@ impl State {
             handles: DashMap::new(),
             next_fh: AtomicU64::new(1),
             notifier: OnceLock::new(),
+            settings,
+            audit: AuditLog::default(),
         }))
     }
 
@@ -166,6 +174,7 @@ impl State {
             snapshot,
             &mut lock(&self.inodes),
             Some(&current.tree.version.0),
+            self.settings.owner,
         )?;
         *lock(&self.pending) = Some(Arc::clone(&view));
         self.tmp_linked.store(false, Ordering::SeqCst);
@@ -240,6 +249,10 @@ impl State {
         view.tree.lookup(self.dir_for(view, parent)?, name)
     }
 
+    pub fn reader_binding(&self) -> bool {
+        self.settings.pod_uid.is_some()
+    }
+
     pub fn open_handles(&self) -> usize {
         self.handles.len()
     }
@@ -252,7 +265,7 @@ impl State {
             .or_else(|| {
                 let time = view.snapshot.created();
                 self.retired_dir(ino)
-                    .map(|_| file_attr(ino, FileType::Directory, DIR_MODE, 0, 2, time))
+                    .map(|_| file_attr(ino, FileType::Directory, DIR_MODE, 0, 2, time, &view.owner))
             })
     }
 }
@@ -261,18 +274,28 @@ fn build(
     snapshot: Arc<Snapshot>,
     inodes: &mut Inodes,
     previous: Option<&OsStr>,
+    owner: Ownership,
 ) -> Result<Arc<View>, String> {
     let mut name = version_name(snapshot.created());
     if previous == Some(OsStr::new(&name)) {
         name.push('1'); // two snapshots in the same nanosecond: keep the names distinct
     }
     let tree = Tree::build(&snapshot, &name, inodes)?;
-    Ok(Arc::new(View { snapshot, tree }))
+    Ok(Arc::new(View {
+        snapshot,
+        tree,
+        owner,
+    }))
 }
 
-/// Whether the FUSE caller `tid` is a thread of this process (the driver itself).
+/// Whether the FUSE caller is a thread of this process (the driver itself).
 fn from_driver(req: &Request) -> bool {
-    Path::new(&format!("/proc/self/task/{}", req.pid())).exists()
+    Caller {
+        pid: req.pid(),
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+    .is_driver()
 }
 
 /// Drops the page cache of released inodes from a thread of its own: the FUSE thread must
@@ -327,13 +350,16 @@ impl Filesystem for VolumeFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         // An open file reports the version it reads, even after a rotation.
         if let Some(h) = fh.and_then(|fh| self.0.handles.get(&fh.0)) {
+            let owner = &self.0.settings.owner;
+            let perm = owner.file_perm(h.mode);
             let attr = file_attr(
                 h.ino,
                 FileType::RegularFile,
-                h.mode as u16,
+                perm,
                 h.bytes.len() as u64,
                 1,
                 h.time,
+                owner,
             );
             return reply.attr(&TTL, &attr);
         }
@@ -361,7 +387,7 @@ impl Filesystem for VolumeFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
@@ -375,6 +401,24 @@ impl Filesystem for VolumeFs {
             Some(Kind::Symlink(_)) => return reply.error(Errno::ELOOP),
             None => return reply.error(Errno::ENOENT),
         };
+        let caller = Caller {
+            pid: req.pid(),
+            uid: req.uid(),
+            gid: req.gid(),
+        };
+        let allowed = caller.allowed(&self.0.settings);
+        let version = view.tree.version.0.to_string_lossy();
+        self.0.audit.open(
+            &self.0.settings,
+            ino.0,
+            &file.path,
+            &version,
+            &caller,
+            allowed,
+        );
+        if !allowed {
+            return reply.error(Errno::EACCES);
+        }
         let fh = self.0.next_fh.fetch_add(1, Ordering::Relaxed);
         let handle = Handle {
             bytes: file.bytes.clone(),
@@ -635,7 +679,11 @@ mod tests {
 
     #[test]
     fn attributes_follow_the_snapshot() {
-        let state = State::new(snapshot(&[("dir/f", 0o440, b"0123456789")])).expect("state");
+        let state = State::new(
+            snapshot(&[("dir/f", 0o440, b"0123456789")]),
+            Settings::default(),
+        )
+        .expect("state");
         let view = state.view();
         let root = view.attr(ROOT).expect("root");
         assert_eq!(
@@ -656,7 +704,8 @@ mod tests {
 
     #[test]
     fn staged_versions_become_current_only_on_commit() {
-        let state = State::new(snapshot(&[("a", 0o644, b"one")])).expect("state");
+        let state =
+            State::new(snapshot(&[("a", 0o644, b"one")]), Settings::default()).expect("state");
         let first = state.view();
         assert!(!state.commit(), "nothing staged");
         let staged = state

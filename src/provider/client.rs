@@ -79,25 +79,26 @@ impl ProviderClient {
 
     /// Fetches a volume's files and copies them into a new secret-memory snapshot.
     pub async fn mount(&self, call: MountCall<'_>) -> Result<Snapshot, Error> {
-        let provider = call.provider.to_string();
+        let (provider, permission) = (call.provider.to_string(), call.permission);
         let response = self.call(call).await?;
-        self.to_snapshot(&provider, &response)
+        self.to_snapshot(&provider, &response, permission)
     }
 
     /// Fetches a volume again; copies into secret memory only if something changed.
     pub async fn refresh(&self, call: MountCall<'_>) -> Result<Fetched, Error> {
         let provider = call.provider.to_string();
-        let current = call.current;
+        let (current, permission) = (call.current, call.permission);
         let response = self.call(call).await?;
         if let Some(current) = current {
             if let Some(e) = provider_error(&provider, &response.0) {
                 return Err(e);
             }
-            if unchanged(&response.0, current) {
+            if unchanged(&response.0, current, permission) {
                 return Ok(Fetched::Unchanged);
             }
         }
-        self.to_snapshot(&provider, &response).map(Fetched::New)
+        self.to_snapshot(&provider, &response, permission)
+            .map(Fetched::New)
     }
 
     async fn call(&self, call: MountCall<'_>) -> Result<Wiped, Error> {
@@ -172,7 +173,12 @@ impl ProviderClient {
         }
     }
 
-    fn to_snapshot(&self, provider: &str, response: &Wiped) -> Result<Snapshot, Error> {
+    fn to_snapshot(
+        &self,
+        provider: &str,
+        response: &Wiped,
+        default_mode: u32,
+    ) -> Result<Snapshot, Error> {
         let resp = &response.0;
         let invalid = |reason: String| Error::InvalidResponse {
             provider: provider.to_string(),
@@ -196,7 +202,7 @@ impl ProviderClient {
             })?;
         let mut builder = SnapshotBuilder::new(total)?;
         for f in &resp.files {
-            builder.add(f.path.clone(), file_mode(f.mode), &f.contents)?;
+            builder.add(f.path.clone(), file_mode(f.mode, default_mode), &f.contents)?;
         }
         let versions = resp
             .object_version
@@ -226,7 +232,7 @@ fn provider_error(provider: &str, resp: &MountResponse) -> Option<Error> {
 
 /// Whether a response carries exactly what `current` holds: object versions, paths, modes
 /// (as they would be served) and bytes.
-fn unchanged(resp: &MountResponse, current: &Snapshot) -> bool {
+fn unchanged(resp: &MountResponse, current: &Snapshot, default_mode: u32) -> bool {
     let versions = current.versions();
     let files = current.files();
     resp.object_version.len() == versions.len()
@@ -237,7 +243,9 @@ fn unchanged(resp: &MountResponse, current: &Snapshot) -> bool {
             .all(|(a, b)| a.id == b.id && a.version == b.version)
         && resp.files.len() == files.len()
         && resp.files.iter().zip(files).all(|(a, b)| {
-            a.path == b.path && file_mode(a.mode) == b.mode && a.contents == b.bytes.expose()
+            a.path == b.path
+                && file_mode(a.mode, default_mode) == b.mode
+                && a.contents == b.bytes.expose()
         })
 }
 
@@ -284,18 +292,35 @@ mod tests {
             max_volume_bytes: 1024,
         };
         let base = Wiped(response(&[("x", 0, b"1")], "1"));
-        let current = client.to_snapshot("p", &base).expect("snapshot");
+        let current = client.to_snapshot("p", &base, 0o644).expect("snapshot");
         assert!(
-            unchanged(&response(&[("x", 0o644, b"1")], "1"), &current),
+            unchanged(&response(&[("x", 0o644, b"1")], "1"), &current, 0o644),
             "mode 0 is served as 0644"
         );
-        assert!(!unchanged(&response(&[("x", 0, b"2")], "1"), &current));
-        assert!(!unchanged(&response(&[("x", 0, b"1")], "2"), &current));
-        assert!(!unchanged(&response(&[("y", 0, b"1")], "1"), &current));
-        assert!(!unchanged(&response(&[("x", 0o600, b"1")], "1"), &current));
+        assert!(!unchanged(
+            &response(&[("x", 0, b"2")], "1"),
+            &current,
+            0o644
+        ));
+        assert!(!unchanged(
+            &response(&[("x", 0, b"1")], "2"),
+            &current,
+            0o644
+        ));
+        assert!(!unchanged(
+            &response(&[("y", 0, b"1")], "1"),
+            &current,
+            0o644
+        ));
+        assert!(!unchanged(
+            &response(&[("x", 0o600, b"1")], "1"),
+            &current,
+            0o644
+        ));
         assert!(!unchanged(
             &response(&[("x", 0, b"1"), ("z", 0, b"")], "1"),
-            &current
+            &current,
+            0o644
         ));
     }
 }

@@ -75,10 +75,10 @@ pub fn check_paths<'a>(paths: impl IntoIterator<Item = &'a str>) -> Result<(), S
 }
 
 /// Keeps only the permission bits of a provider's mode (no setuid, setgid or sticky); 0 (and
-/// anything without permission bits) becomes [`DEFAULT_MODE`].
-pub fn file_mode(mode: i32) -> u32 {
+/// anything without permission bits) becomes `default` (the volume's default mode).
+pub fn file_mode(mode: i32, default: u32) -> u32 {
     let perm = (mode as u32) & 0o777;
-    if perm == 0 { DEFAULT_MODE } else { perm }
+    if perm == 0 { default & 0o777 } else { perm }
 }
 
 #[cfg(test)]
@@ -135,12 +135,13 @@ mod tests {
 
     #[test]
     fn modes_keep_permission_bits_only() {
-        assert_eq!(file_mode(0), 0o644);
-        assert_eq!(file_mode(0o440), 0o440);
-        assert_eq!(file_mode(0o4755), 0o755);
-        assert_eq!(file_mode(0o7000), 0o644);
-        assert_eq!(file_mode(-1), 0o777);
-        assert_eq!(file_mode(420), 0o644);
+        assert_eq!(file_mode(0, DEFAULT_MODE), 0o644);
+        assert_eq!(file_mode(0, 0o400), 0o400);
+        assert_eq!(file_mode(0o440, DEFAULT_MODE), 0o440);
+        assert_eq!(file_mode(0o4755, DEFAULT_MODE), 0o755);
+        assert_eq!(file_mode(0o7000, DEFAULT_MODE), 0o644);
+        assert_eq!(file_mode(-1, DEFAULT_MODE), 0o777);
+        assert_eq!(file_mode(420, DEFAULT_MODE), 0o644);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use tokio::sync::Mutex;
 use super::{Error, refresh::Schedule, target};
 use crate::class::{ClassSource, SecretProviderClass};
 use crate::fs;
-use crate::provider::{MountCall, ProviderClient, validate::DEFAULT_MODE};
+use crate::provider::{MountCall, ProviderClient};
 use crate::secret_mem::{MemoryKind, SecretMap, Snapshot, secret_json};
 
 /// What kubelet asks to publish, already validated by the CSI layer.
@@ -25,6 +25,12 @@ pub struct PublishRequest {
     pub context: SecretMap,
     /// The nodePublishSecretRef data.
     pub secrets: SecretMap,
+    /// `csi.storage.k8s.io/pod.uid`, when kubelet sent it.
+    pub pod_uid: Option<String>,
+    /// Owner and group of the files (fileOwner/fileGroup, or the pod's fsGroup).
+    pub owner: fs::Ownership,
+    /// Mode of files whose provider gives none (fileMode; sent as `permission`).
+    pub default_mode: u32,
 }
 
 pub(super) struct Volume {
@@ -36,6 +42,7 @@ pub(super) struct Volume {
     /// The newest volume context and secrets kubelet sent (memory only: tokens are secrets).
     pub context: SecretMap,
     pub secrets: SecretMap,
+    pub default_mode: u32,
     pub mounted: Arc<fs::Mounted>,
     pub published_at: SystemTime,
     pub schedule: Schedule,
@@ -58,6 +65,7 @@ pub struct VolumeInfo {
     pub published_at: SystemTime,
     pub rotations: u64,
     pub last_error: Option<String>,
+    pub reader_binding: bool,
 }
 
 /// The registry of published volumes and their lifecycle.
@@ -67,6 +75,8 @@ pub struct Manager {
     /// How often a volume is re-fetched; also the least age of the last fetch before a
     /// republish re-fetches. Zero: never.
     pub(super) interval: Duration,
+    /// Restrict reads to the pod's own processes when its UID is known.
+    bind_readers: bool,
     pub(super) volumes: DashMap<String, Volume>,
     /// target path → volume id, reserved before a publish starts.
     targets: DashMap<PathBuf, String>,
@@ -93,15 +103,19 @@ impl Drop for Reservation<'_> {
 }
 
 impl Manager {
+    /// `interval`: how often volumes are re-fetched (zero: never); `bind_readers`: only the
+    /// pod's own processes may read its volume.
     pub fn new(
         classes: Arc<dyn ClassSource>,
         provider: ProviderClient,
         interval: Duration,
+        bind_readers: bool,
     ) -> Self {
         Manager {
             classes,
             provider,
             interval,
+            bind_readers,
             volumes: DashMap::new(),
             targets: DashMap::new(),
             locks: DashMap::new(),
@@ -166,7 +180,14 @@ impl Manager {
         let started = Instant::now();
         let class = self.classes.lookup(&req.namespace, &req.class_name).await?;
         reservation.created_dir = target::prepare(&req.target)?;
-        let call = Self::mount_call(&class, &req.context, &req.secrets, &req.target, None);
+        let call = Self::mount_call(
+            &class,
+            &req.context,
+            &req.secrets,
+            &req.target,
+            req.default_mode,
+            None,
+        );
         let snapshot = self.provider.mount(call).await?;
         if target::scrub_provider_writes(&req.target) {
             return Err(Error::ProviderWroteFiles {
@@ -175,7 +196,17 @@ impl Manager {
         }
         let fetched = started.elapsed();
         let snapshot = Arc::new(snapshot);
-        let mounted = self.mount(&req.target, Arc::clone(&snapshot)).await?;
+        let settings = fs::Settings {
+            volume_id: req.volume_id.clone(),
+            namespace: req.namespace.clone(),
+            pod_name: req.pod_name.clone(),
+            pod_uid: req.pod_uid.clone().filter(|_| self.bind_readers),
+            owner: req.owner,
+        };
+        let reader_binding = settings.pod_uid.is_some();
+        let mounted = self
+            .mount(&req.target, Arc::clone(&snapshot), settings)
+            .await?;
         reservation.armed = false;
         tracing::info!(
             volume_id = %req.volume_id,
@@ -184,7 +215,8 @@ impl Manager {
             class = %class.name,
             provider = %class.provider,
             files = snapshot.files().len(),
-            memory = snapshot.memory_kind().as_str(),
+                        memory = snapshot.memory_kind().as_str(),
+            reader_binding,
             fetch_ms = fetched.as_secs_f64() * 1e3,
             total_ms = started.elapsed().as_secs_f64() * 1e3,
             "volume published"
@@ -199,6 +231,7 @@ impl Manager {
                 provider: class.provider,
                 context: req.context.clone(),
                 secrets: req.secrets.clone(),
+                default_mode: req.default_mode,
                 mounted: Arc::new(mounted),
                 published_at: SystemTime::now(),
                 schedule: Schedule::fetched(self.interval),
@@ -214,6 +247,7 @@ impl Manager {
         context: &SecretMap,
         secrets: &SecretMap,
         target: &'a Path,
+        default_mode: u32,
         current: Option<&'a Snapshot>,
     ) -> MountCall<'a> {
         let params = class
@@ -225,7 +259,7 @@ impl Manager {
             attributes: secret_json(params.chain(context.iter())),
             secrets: secret_json(secrets.iter()),
             target_path: target,
-            permission: DEFAULT_MODE,
+            permission: default_mode,
             current,
         }
     }
@@ -238,9 +272,14 @@ impl Manager {
         self.classes.as_ref()
     }
 
-    async fn mount(&self, target: &Path, snapshot: Arc<Snapshot>) -> Result<fs::Mounted, Error> {
+    async fn mount(
+        &self,
+        target: &Path,
+        snapshot: Arc<Snapshot>,
+        settings: fs::Settings,
+    ) -> Result<fs::Mounted, Error> {
         let target = target.to_path_buf();
-        tokio::task::spawn_blocking(move || fs::mount(&target, snapshot))
+        tokio::task::spawn_blocking(move || fs::mount(&target, snapshot, settings))
             .await
             .map_err(|e| Error::Internal(format!("mount task: {e}")))?
             .map_err(Error::from)
@@ -321,6 +360,7 @@ impl Manager {
                     published_at: v.published_at,
                     rotations: v.schedule.rotations,
                     last_error: v.schedule.last_error.clone(),
+                    reader_binding: v.mounted.reader_binding(),
                 }
             })
             .collect();
@@ -360,4 +400,10 @@ pub mod context {
     pub const CLASS: &str = "secretProviderClass";
     pub const POD_NAME: &str = "csi.storage.k8s.io/pod.name";
     pub const POD_NAMESPACE: &str = "csi.storage.k8s.io/pod.namespace";
+    pub const POD_UID: &str = "csi.storage.k8s.io/pod.uid";
+    /// Volume attributes a pod may set: numeric owner and group of the files, and the mode
+    /// of files whose provider gives none.
+    pub const FILE_OWNER: &str = "fileOwner";
+    pub const FILE_GROUP: &str = "fileGroup";
+    pub const FILE_MODE: &str = "fileMode";
 }

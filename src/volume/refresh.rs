@@ -153,7 +153,7 @@ impl Manager {
     }
 
     async fn fetch_and_swap(&self, volume_id: &str) -> Result<Refresh, Error> {
-        let Some((namespace, class, context, secrets, target, mounted)) =
+        let Some((namespace, class, context, secrets, target, default_mode, mounted)) =
             self.volumes.get(volume_id).map(|v| {
                 (
                     v.namespace.clone(),
@@ -161,6 +161,7 @@ impl Manager {
                     v.context.clone(),
                     v.secrets.clone(),
                     v.target.clone(),
+                    v.default_mode,
                     Arc::clone(&v.mounted),
                 )
             })
@@ -169,7 +170,14 @@ impl Manager {
         };
         let current = mounted.snapshot();
         let class = self.classes().lookup(&namespace, &class).await?;
-        let call = Self::mount_call(&class, &context, &secrets, &target, Some(&current));
+        let call = Self::mount_call(
+            &class,
+            &context,
+            &secrets,
+            &target,
+            default_mode,
+            Some(&current),
+        );
         let next = match self.provider().refresh(call).await? {
             Fetched::Unchanged => return Ok(Refresh::Unchanged),
             Fetched::New(next) => Arc::new(next),

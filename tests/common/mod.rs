@@ -131,6 +131,11 @@ impl Env {
             .arg(&self.class_dir)
             .arg("--state-dir")
             .arg(self.root.join("state"))
+            // Test processes are not in the pods' cgroups; binding tests turn it on.
+            .args(
+                (!extra.iter().any(|a| a.starts_with("--bind-readers-to-pod")))
+                    .then_some("--bind-readers-to-pod=false"),
+            )
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
