@@ -99,8 +99,11 @@ const AUDIT_WINDOW: Duration = Duration::from_secs(1);
 /// repeats of the same (file, process, verdict) within a second folded into a count.
 #[derive(Default)]
 pub struct AuditLog {
-    recent: Mutex<HashMap<(u64, u32, bool), (Instant, u64)>>,
+    recent: Mutex<HashMap<AuditKey, (Instant, u64)>>,
 }
+
+/// (inode, caller pid, allowed): what makes two audit events "the same".
+type AuditKey = (u64, u32, bool);
 
 impl AuditLog {
     #[allow(clippy::too_many_arguments)]
