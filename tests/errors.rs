@@ -281,10 +281,7 @@ async fn identity_and_node_info() {
     let rpcs: Vec<i32> = caps
         .capabilities
         .iter()
-        .filter_map(|c| match &c.r#type {
-            Some(Type::Rpc(rpc)) => Some(rpc.r#type),
-            None => None,
-        })
+        .filter_map(|c| c.r#type.as_ref().map(|Type::Rpc(rpc)| rpc.r#type))
         .collect();
     assert_eq!(rpcs, [6]);
     let err = node
