@@ -186,10 +186,12 @@ fn with_mount_group(
     group: &str,
 ) -> secretfs::proto::csi::NodePublishVolumeRequest {
     let mut req = publish_request(volume_id, target, "app");
-    if let Some(cap) = req.volume_capability.as_mut() {
-        if let Some(AccessType::Mount(m)) = cap.access_type.as_mut() {
-            m.volume_mount_group = group.into();
-        }
+    if let Some(AccessType::Mount(m)) = req
+        .volume_capability
+        .as_mut()
+        .and_then(|c| c.access_type.as_mut())
+    {
+        m.volume_mount_group = group.into();
     }
     req
 }
