@@ -5,6 +5,7 @@
 //! secret memory ([`secret_mem`]) → FUSE view ([`fs`]), orchestrated per volume by [`volume`];
 //! [`rotation`] refreshes published volumes through the same path.
 
+pub mod admin;
 pub mod class;
 pub mod csi;
 pub mod demo;

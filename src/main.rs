@@ -44,6 +44,22 @@ enum Command {
     /// Run the driver and an example provider in-process, publish a volume as kubelet
     /// would, show it, and clean up (needs root and /dev/fuse).
     Demo,
+    /// Check whether this host can run the driver safely; exits non-zero if not.
+    Doctor {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask a running driver what it holds: volumes, files, memory kind, page-cache pages,
+    /// reader binding, open handles, process posture.
+    Audit {
+        /// The driver's admin socket (serve --admin-socket).
+        #[arg(long, default_value = "unix:///var/lib/secretfs/admin.sock")]
+        endpoint: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the example provider plugin, serving the secrets described in a YAML file.
     ExampleProvider {
         /// Unix socket to listen on, normally <provider dir>/<name>.sock.
@@ -82,6 +98,9 @@ pub struct ServeArgs {
     /// Directory for non-secret driver state.
     #[arg(long, default_value = "/var/lib/secretfs")]
     state_dir: PathBuf,
+    /// Admin socket that `secretfs audit` talks to (root only); default <state-dir>/admin.sock.
+    #[arg(long)]
+    admin_socket: Option<PathBuf>,
     /// How often volumes are refreshed from their provider (e.g. 30s, 2m; 0 = off). Also the
     /// least age of the last fetch before a kubelet republish re-fetches.
     #[arg(long, alias = "rotation-poll-interval", default_value = "2m", value_parser = parse_interval)]
@@ -190,6 +209,18 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send +
         args.rotation_interval,
         args.bind_readers_to_pod,
     ));
+    let admin_socket = args
+        .admin_socket
+        .clone()
+        .unwrap_or_else(|| args.state_dir.join("admin.sock"));
+    let admin = tokio::spawn({
+        let manager = Arc::clone(&manager);
+        async move {
+            if let Err(e) = secretfs::admin::serve(&admin_socket, manager).await {
+                tracing::error!(error = %e, "admin socket failed; `secretfs audit` will not work");
+            }
+        }
+    });
     let rotation = if args.enable_secret_rotation {
         secretfs::rotation::spawn(
             Arc::clone(&manager),
@@ -209,6 +240,7 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send +
     if let Some(task) = rotation {
         task.abort();
     }
+    admin.abort();
     // Published volumes stay mounted for the next driver process to take over.
     manager.leave_all_mounted();
     let _ = std::fs::remove_file(&socket);
@@ -243,6 +275,31 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Demo => secretfs::demo::run().await,
+            Command::Doctor { json } => {
+                let checks = tokio::task::spawn_blocking(secretfs::admin::doctor::run)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&checks)?);
+                } else {
+                    print!("{}", secretfs::admin::doctor::render(&checks));
+                }
+                if secretfs::admin::doctor::healthy(&checks) {
+                    Ok(())
+                } else {
+                    Err("unsafe host".into())
+                }
+            }
+            Command::Audit { endpoint, json } => {
+                let socket = secretfs::grpc_uds::socket_path(&endpoint)?;
+                let report = secretfs::admin::fetch(&socket).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print!("{}", secretfs::admin::report::render(&report));
+                }
+                Ok(())
+            }
             Command::ExampleProvider {
                 socket,
                 secrets,
