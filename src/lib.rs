@@ -12,6 +12,7 @@ pub mod demo;
 pub mod fs;
 pub mod grpc_uds;
 pub mod hardening;
+pub mod metrics;
 pub mod proto;
 pub mod provider;
 pub mod rotation;

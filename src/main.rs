@@ -120,6 +120,9 @@ pub struct ServeArgs {
     /// root. Volumes without csi.storage.k8s.io/pod.uid are not bound.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     bind_readers_to_pod: bool,
+    /// Prometheus /metrics, /healthz and /readyz listen here; empty: off.
+    #[arg(long, default_value = "0.0.0.0:8095")]
+    metrics_addr: String,
     /// Most provider calls the background refresh makes at once.
     #[arg(long, default_value_t = 4)]
     rotation_concurrency: usize,
@@ -230,9 +233,24 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send +
     } else {
         None
     };
+    let identity = IdentityService::new(&args.driver_name);
+    let metrics = if args.metrics_addr.is_empty() {
+        None
+    } else {
+        let addr: std::net::SocketAddr = args
+            .metrics_addr
+            .parse()
+            .map_err(|e| format!("--metrics-addr {:?}: {e}", args.metrics_addr))?;
+        let ready = identity.ready_flag();
+        Some(tokio::spawn(async move {
+            if let Err(e) = secretfs::metrics::serve(addr, ready).await {
+                tracing::error!(error = %e, %addr, "metrics listener failed; no /metrics, /healthz or /readyz");
+            }
+        }))
+    };
     secretfs::csi::serve(
         &socket,
-        IdentityService::new(&args.driver_name),
+        identity,
         NodeService::new(&args.node_id, Arc::clone(&manager)),
         shutdown_signal(),
     )
@@ -241,6 +259,9 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send +
         task.abort();
     }
     admin.abort();
+    if let Some(task) = metrics {
+        task.abort();
+    }
     // Published volumes stay mounted for the next driver process to take over.
     manager.leave_all_mounted();
     let _ = std::fs::remove_file(&socket);

@@ -23,6 +23,11 @@ impl IdentityService {
         }
     }
 
+    /// The flag `Probe` and `/readyz` report.
+    pub fn ready_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.ready)
+    }
+
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
     }

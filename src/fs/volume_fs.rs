@@ -422,6 +422,7 @@ impl Filesystem for VolumeFs {
                 allowed,
             );
             if !allowed {
+                crate::metrics::get().binding_denied();
                 return reply.error(Errno::EACCES);
             }
         }

@@ -140,9 +140,10 @@ impl ProviderClient {
                 .await
                 .map_err(|status| self.status_error(&provider, status))
         };
-        let response = tokio::time::timeout(self.timeout, call_fut)
-            .await
-            .map_err(|_| timeout_err())??;
+        let started = std::time::Instant::now();
+        let response = tokio::time::timeout(self.timeout, call_fut).await;
+        crate::metrics::get().provider_call(&provider, started.elapsed());
+        let response = response.map_err(|_| timeout_err())??;
         Ok(Wiped(response.into_inner()))
     }
 

@@ -2,6 +2,7 @@ use std::fmt;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use zeroize::Zeroize;
 
@@ -39,6 +40,16 @@ pub struct Region {
 // and mutation needs `&mut self`.
 unsafe impl Send for Region {}
 unsafe impl Sync for Region {}
+
+/// Live bytes per kind, for metrics and the audit report.
+fn live(kind: MemoryKind) -> &'static AtomicU64 {
+    static SECRETMEM: AtomicU64 = AtomicU64::new(0);
+    static LOCKED: AtomicU64 = AtomicU64::new(0);
+    match kind {
+        MemoryKind::SecretMem => &SECRETMEM,
+        MemoryKind::Locked => &LOCKED,
+    }
+}
 
 fn page_size() -> usize {
     static PAGE: OnceLock<usize> = OnceLock::new();
@@ -85,6 +96,17 @@ fn secretmem_available() -> bool {
 }
 
 impl Region {
+    /// Takes ownership of a fresh mapping (counted in `live_bytes` until dropped).
+    fn adopt(ptr: NonNull<u8>, len: usize, kind: MemoryKind, fd: Option<OwnedFd>) -> Region {
+        live(kind).fetch_add(len as u64, Ordering::Relaxed);
+        Region {
+            ptr,
+            len,
+            kind,
+            _fd: fd,
+        }
+    }
+
     /// Allocates at least `len` bytes of the memory the process policy asks for.
     pub fn new(len: usize) -> Result<Region, Error> {
         match Region::preferred_kind() {
@@ -124,6 +146,11 @@ impl Region {
 
     pub fn kind(&self) -> MemoryKind {
         self.kind
+    }
+
+    /// Bytes of `kind` currently mapped by live regions in this process.
+    pub fn live_bytes(kind: MemoryKind) -> u64 {
+        live(kind).load(Ordering::Relaxed)
     }
 
     /// Mapped length in bytes (a whole number of pages).
@@ -208,22 +235,12 @@ fn map_secretmem(len: usize) -> Result<Region, Error> {
         });
     }
     let ptr = mmap(len, libc::MAP_SHARED, fd.as_raw_fd())?;
-    Ok(Region {
-        ptr,
-        len,
-        kind: MemoryKind::SecretMem,
-        _fd: Some(fd),
-    })
+    Ok(Region::adopt(ptr, len, MemoryKind::SecretMem, Some(fd)))
 }
 
 fn map_locked(len: usize) -> Result<Region, Error> {
     let ptr = mmap(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1)?;
-    let region = Region {
-        ptr,
-        len,
-        kind: MemoryKind::Locked,
-        _fd: None,
-    };
+    let region = Region::adopt(ptr, len, MemoryKind::Locked, None);
     // SAFETY: ptr/len describe the mapping just created.
     if unsafe { libc::mlock(ptr.as_ptr().cast(), len) } != 0 {
         return Err(Error::Lock {
@@ -261,6 +278,7 @@ fn mmap(len: usize, flags: libc::c_int, fd: libc::c_int) -> Result<NonNull<u8>, 
 impl Drop for Region {
     fn drop(&mut self) {
         self.as_mut_slice().zeroize();
+        live(self.kind).fetch_sub(self.len as u64, Ordering::Relaxed);
         // SAFETY: the mapping belongs to self and is not used after this point. munmap also
         // drops the mlock. The memfd (if any) closes when `_fd` drops.
         unsafe {

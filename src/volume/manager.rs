@@ -9,6 +9,7 @@ use tokio::sync::Mutex;
 use super::{Error, refresh::Schedule, target};
 use crate::class::{ClassSource, SecretProviderClass};
 use crate::fs;
+use crate::metrics;
 use crate::provider::{MountCall, ProviderClient};
 use crate::secret_mem::{MemoryKind, SecretMap, Snapshot, secret_json};
 
@@ -134,20 +135,34 @@ impl Manager {
     /// Publishes a volume. Publishing the same volume at the same target again refreshes it
     /// (kubelet's `requiresRepublish`) and succeeds even if that refresh fails.
     pub async fn publish(&self, req: PublishRequest) -> Result<(), Error> {
+        let started = Instant::now();
+        let mut provider = String::new();
         let lock = self.lock_for(&req.volume_id);
         let result = {
             let _serial = lock.lock().await;
-            self.publish_locked(&req).await
+            self.publish_locked(&req, &mut provider).await
         };
         drop(lock);
-        if result.is_err() {
-            self.forget_lock(&req.volume_id);
+        let m = metrics::get();
+        match &result {
+            Ok(()) => m.published(&provider, started.elapsed()),
+            Err(e) => {
+                m.publish_failed(&provider, &e.error_type());
+                self.forget_lock(&req.volume_id);
+            }
         }
+        m.set_volumes(self.volumes.len());
         result
     }
 
-    async fn publish_locked(&self, req: &PublishRequest) -> Result<(), Error> {
+    /// Publishes under the volume's lock; sets `provider` as soon as it is known.
+    async fn publish_locked(
+        &self,
+        req: &PublishRequest,
+        provider: &mut String,
+    ) -> Result<(), Error> {
         if let Some(existing) = self.volumes.get(&req.volume_id) {
+            provider.clone_from(&existing.provider);
             if existing.target != req.target {
                 return Err(Error::AlreadyExists(format!(
                     "volume_id {} is already published at target_path {}",
@@ -179,6 +194,7 @@ impl Manager {
         };
         let started = Instant::now();
         let class = self.classes.lookup(&req.namespace, &req.class_name).await?;
+        provider.clone_from(&class.provider);
         reservation.created_dir = target::prepare(&req.target)?;
         let call = Self::mount_call(
             &class,
@@ -290,12 +306,23 @@ impl Manager {
     /// not know (left by an earlier process) is detached too.
     pub async fn unpublish(&self, volume_id: &str, target_path: &Path) -> Result<(), Error> {
         let lock = self.lock_for(volume_id);
+        let provider = self
+            .volumes
+            .get(volume_id)
+            .map(|v| v.provider.clone())
+            .unwrap_or_default();
         let result = {
             let _serial = lock.lock().await;
             self.unpublish_locked(volume_id, target_path).await
         };
         drop(lock);
         self.forget_lock(volume_id);
+        let m = metrics::get();
+        match &result {
+            Ok(()) => m.unpublished(&provider),
+            Err(e) => m.unpublish_failed(&provider, &e.error_type()),
+        }
+        m.set_volumes(self.volumes.len());
         result
     }
 

@@ -33,3 +33,34 @@ pub enum Error {
     #[error("internal error: {0}")]
     Internal(String),
 }
+
+impl Error {
+    /// A short, bounded name for metrics (`error_type`): the provider's own error code when it
+    /// sent one, else the kind of failure.
+    pub fn error_type(&self) -> String {
+        use crate::{class, provider};
+        match self {
+            Error::AlreadyExists(_) => "AlreadyExists",
+            Error::Class(class::Error::NotFound { .. }) => "SecretProviderClassNotFound",
+            Error::Class(class::Error::Invalid(_)) => "InvalidSecretProviderClass",
+            Error::Class(class::Error::Unavailable(_)) => "ClassSourceUnavailable",
+            Error::Provider(p) => match p {
+                provider::Error::Provider { code, .. } => return code.clone(),
+                provider::Error::InvalidName(_) => "InvalidProviderName",
+                provider::Error::SocketMissing { .. } | provider::Error::Unreachable { .. } => {
+                    "ProviderUnavailable"
+                }
+                provider::Error::Timeout { .. } => "ProviderTimeout",
+                provider::Error::Call { .. } => "ProviderCallFailed",
+                provider::Error::InvalidResponse { .. } => "InvalidProviderResponse",
+                provider::Error::TooLarge { .. } => "ResponseTooLarge",
+                provider::Error::Memory(_) => "SecretMemory",
+            },
+            Error::Mount(_) => "MountFailed",
+            Error::Target { .. } => "TargetPath",
+            Error::ProviderWroteFiles { .. } => "ProviderWroteFiles",
+            Error::Internal(_) => "Internal",
+        }
+        .to_string()
+    }
+}

@@ -115,8 +115,10 @@ impl Manager {
             return Ok(Refresh::Gone);
         };
         let interval = self.interval;
+        let m = crate::metrics::get();
         match &result {
             Ok(outcome) => {
+                m.refreshed(&v.provider, started.elapsed());
                 v.schedule.succeeded(interval);
                 if *outcome == Refresh::Rotated {
                     v.schedule.rotations += 1;
@@ -134,6 +136,7 @@ impl Manager {
                 }
             }
             Err(e) => {
+                m.refresh_failed(&v.provider, &e.error_type());
                 v.schedule.failed(interval);
                 // Logged once per outage (and again only if the reason changes), not per retry.
                 let reason = e.to_string();

@@ -136,6 +136,11 @@ impl Env {
                 (!extra.iter().any(|a| a.starts_with("--bind-readers-to-pod")))
                     .then_some("--bind-readers-to-pod=false"),
             )
+            // Parallel tests cannot share the default metrics port; metrics tests pick one.
+            .args(
+                (!extra.iter().any(|a| a.starts_with("--metrics-addr")))
+                    .then_some("--metrics-addr="),
+            )
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
