@@ -8,7 +8,7 @@ mod status;
 use std::path::Path;
 
 pub use identity::IdentityService;
-pub use node::NodeService;
+pub use node::{NodeService, publish_request};
 
 use crate::proto::csi::identity_server::IdentityServer;
 use crate::proto::csi::node_server::NodeServer;

@@ -75,7 +75,7 @@ fn numeric_attribute(
 
 /// Checks a publish request as kubelet sends it for an inline ephemeral volume and turns it
 /// into what the volume manager needs.
-fn publish_request(req: NodePublishVolumeRequest) -> Result<PublishRequest, Status> {
+pub fn publish_request(req: NodePublishVolumeRequest) -> Result<PublishRequest, Status> {
     let volume_id = required(&req.volume_id, "volume_id")?.to_string();
     let target = target_path(&req.target_path)?;
     let capability = req

@@ -84,6 +84,17 @@ impl ProviderClient {
         self.to_snapshot(&provider, &response, permission)
     }
 
+    /// Checks a provider's response and copies its files into a new snapshot; the response's
+    /// buffers are wiped either way.
+    pub fn accept(
+        &self,
+        provider: &str,
+        response: MountResponse,
+        default_mode: u32,
+    ) -> Result<Snapshot, Error> {
+        self.to_snapshot(provider, &Wiped(response), default_mode)
+    }
+
     /// Fetches a volume again; copies into secret memory only if something changed.
     pub async fn refresh(&self, call: MountCall<'_>) -> Result<Fetched, Error> {
         let provider = call.provider.to_string();
