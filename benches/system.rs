@@ -5,9 +5,13 @@
 //! 1. Publish/unpublish latency through the CSI socket with the example provider, and the
 //!    driver's memory, threads and fds per mounted volume (SECRETFS_BENCH_VOLUMES volumes of
 //!    10 files × 4 KiB, default 250).
-//! 2. Rotation: driver CPU while SECRETFS_BENCH_ROTATION_VOLUMES volumes (default 100) are
+//! 2. open + read 4 KiB + close per second on a secretfs file and on the same file on tmpfs
+//!    (/dev/shm), with 1 and 2 reader threads.
+//! 3. Rotation: driver CPU while SECRETFS_BENCH_ROTATION_VOLUMES volumes (default 100) are
 //!    refreshed every second with unchanged versions, and the latency from a change in the
 //!    store to the new contents being readable in every volume.
+//! 4. Driver CPU while SECRETFS_BENCH_VOLUMES volumes are refreshed every 10 s, with
+//!    unchanged versions and with every version changing (30 s each).
 //!
 //! Prints a table and writes target/bench/report.json.
 
@@ -245,6 +249,99 @@ async fn rotation_phase(env: &Env, volumes: usize) -> Rows {
     ]
 }
 
+/// open + read 4 KiB + close per second on `path` with `threads` readers for `window`.
+fn open_read_close_rate(path: &std::path::Path, threads: usize, window: Duration) -> f64 {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let (path, stop) = (path.to_path_buf(), std::sync::Arc::clone(&stop));
+            std::thread::spawn(move || {
+                use std::io::Read;
+                let mut buf = [0u8; 4096];
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut f = std::fs::File::open(&path).expect("open");
+                    f.read_exact(&mut buf).expect("read");
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    std::thread::sleep(window);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let total: u64 = handles.into_iter().map(|h| h.join().expect("reader")).sum();
+    total as f64 / window.as_secs_f64()
+}
+
+async fn read_phase(env: &Env) -> Rows {
+    let target = env.target("reader");
+    env.publish("reader", &target).await.expect("publish");
+    let secret = target.join("dir/file-0");
+    let tmpfs = std::path::PathBuf::from(format!("/dev/shm/secretfs-bench-{}", std::process::id()));
+    std::fs::write(&tmpfs, std::fs::read(&secret).expect("read")).expect("write tmpfs copy");
+    let window = Duration::from_secs(3);
+    let mut rows = Rows::new();
+    for threads in [1, 2] {
+        let ours = open_read_close_rate(&secret, threads, window);
+        let theirs = open_read_close_rate(&tmpfs, threads, window);
+        rows.push((
+            format!("open+read 4 KiB+close /s, secretfs, {threads} reader(s)"),
+            ours,
+        ));
+        rows.push((
+            format!("open+read 4 KiB+close /s, tmpfs, {threads} reader(s)"),
+            theirs,
+        ));
+        rows.push((
+            format!("  ratio secretfs / tmpfs, {threads} reader(s)"),
+            ours / theirs,
+        ));
+    }
+    let _ = std::fs::remove_file(&tmpfs);
+    env.unpublish("reader", &target).await.expect("unpublish");
+    rows
+}
+
+/// Driver CPU while `volumes` volumes are refreshed every `interval`, over `window`; with
+/// `changing`, the store gets a new version every second so every refresh rotates.
+async fn rotation_cpu(env: &Env, volumes: usize, window: Duration, changing: bool) -> f64 {
+    let pid = env.driver_pid();
+    let targets: Vec<_> = (0..volumes)
+        .map(|i| env.target(&format!("cpu-{i}")))
+        .collect();
+    for (i, t) in targets.iter().enumerate() {
+        env.publish(&format!("cpu-{i}"), t).await.expect("publish");
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = changing.then(|| {
+        let (stop, secrets) = (std::sync::Arc::clone(&stop), env.secrets_file.clone());
+        std::thread::spawn(move || {
+            let mut v = 10;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                v += 1;
+                let tmp = secrets.with_extension("tmp");
+                std::fs::write(&tmp, store(v)).expect("write store");
+                std::fs::rename(&tmp, &secrets).expect("rename store");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+    });
+    let cpu0 = cpu_time(pid);
+    tokio::time::sleep(window).await;
+    let cpu = (cpu_time(pid) - cpu0).as_secs_f64() / window.as_secs_f64() * 100.0;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(w) = writer {
+        w.join().expect("writer");
+    }
+    for (i, t) in targets.iter().enumerate() {
+        env.unpublish(&format!("cpu-{i}"), t)
+            .await
+            .expect("unpublish");
+    }
+    cpu
+}
+
 fn main() {
     let volumes = env_usize("SECRETFS_BENCH_VOLUMES", 250);
     let rotation_volumes = env_usize("SECRETFS_BENCH_ROTATION_VOLUMES", 100);
@@ -260,12 +357,33 @@ fn main() {
             return;
         };
         rows.extend(rt.block_on(publish_phase(&env, volumes)));
+        rows.extend(rt.block_on(read_phase(&env)));
     }
     {
         let Some(env) = Env::start_with(&store(1), &["--rotation-interval", "1s"], false) else {
             return;
         };
         rows.extend(rt.block_on(rotation_phase(&env, rotation_volumes)));
+    }
+    for changing in [false, true] {
+        let Some(env) = Env::start_with(&store(1), &["--rotation-interval", "10s"], false) else {
+            return;
+        };
+        let cpu = rt.block_on(rotation_cpu(
+            &env,
+            volumes,
+            Duration::from_secs(30),
+            changing,
+        ));
+        let what = if changing {
+            "every version changing"
+        } else {
+            "unchanged"
+        };
+        rows.push((
+            format!("rotation CPU, {volumes} volumes × 10 files @ 10 s, {what} (%)"),
+            cpu,
+        ));
     }
     println!(
         "secretfs system benchmark — {volumes} volumes × 10 files × 4 KiB for publish; {rotation_volumes} volumes for rotation; example provider"
