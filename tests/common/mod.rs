@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -124,23 +125,27 @@ impl Env {
             .arg("serve")
             .arg("--endpoint")
             .arg(format!("unix://{}", self.csi_socket.display()))
-            .args(["--node-id", "test-node", "--provider-timeout", "5s"])
+            .args(["--node-id", "test-node"])
             .arg("--provider-dir")
             .arg(&self.provider_dir)
             .arg("--class-dir")
             .arg(&self.class_dir)
             .arg("--state-dir")
             .arg(self.root.join("state"))
-            // Test processes are not in the pods' cgroups; binding tests turn it on.
-            .args(
-                (!extra.iter().any(|a| a.starts_with("--bind-readers-to-pod")))
-                    .then_some("--bind-readers-to-pod=false"),
-            )
-            // Parallel tests cannot share the default metrics port; metrics tests pick one.
-            .args(
-                (!extra.iter().any(|a| a.starts_with("--metrics-addr")))
-                    .then_some("--metrics-addr="),
-            )
+            // Defaults a test may override: a generous provider deadline; binding off (test
+            // processes are not in the pods' cgroups); metrics off (parallel tests cannot share
+            // the default port).
+            .args(default_flag(
+                extra,
+                "--provider-timeout",
+                "--provider-timeout=5s",
+            ))
+            .args(default_flag(
+                extra,
+                "--bind-readers-to-pod",
+                "--bind-readers-to-pod=false",
+            ))
+            .args(default_flag(extra, "--metrics-addr", "--metrics-addr="))
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -318,6 +323,48 @@ pub fn publish_request(volume_id: &str, target: &Path, class: &str) -> NodePubli
         volume_context: context,
         ..Default::default()
     }
+}
+
+/// A TCP port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A plain HTTP/1.1 GET to 127.0.0.1:`port`: status code and body.
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read");
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of the sample whose line starts with `prefix` (name and labels).
+pub fn sample(body: &str, prefix: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// `flag` unless the test already passes its own value for it.
+fn default_flag<'a>(extra: &[&str], name: &str, flag: &'a str) -> Option<&'a str> {
+    (!extra.iter().any(|a| a.starts_with(name))).then_some(flag)
 }
 
 pub fn mounts_under(root: &Path) -> Vec<PathBuf> {
