@@ -11,6 +11,7 @@ pub mod csi;
 pub mod demo;
 pub mod fs;
 pub mod grpc_uds;
+pub mod handoff;
 pub mod hardening;
 pub mod metrics;
 pub mod proto;

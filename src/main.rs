@@ -60,6 +60,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Hold every volume's fds for the driver so that its volumes survive a crash of the
+    /// driver process (run it as a second container of the driver's pod).
+    Keeper {
+        /// The driver's --state-dir; the keeper listens on keeper.sock in it.
+        #[arg(long, default_value = "/var/lib/secretfs")]
+        state_dir: PathBuf,
+    },
     /// Run the example provider plugin, serving the secrets described in a YAML file.
     ExampleProvider {
         /// Unix socket to listen on, normally <provider dir>/<name>.sock.
@@ -212,6 +219,9 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send +
         args.rotation_interval,
         args.bind_readers_to_pod,
     ));
+    // Volumes of an earlier driver process (a running predecessor, or the keeper) are taken
+    // over before this process binds its sockets.
+    secretfs::handoff::start(&manager, &args.state_dir).await;
     let admin_socket = args
         .admin_socket
         .clone()
@@ -320,6 +330,12 @@ fn main() -> ExitCode {
                     print!("{}", secretfs::admin::report::render(&report));
                 }
                 Ok(())
+            }
+            Command::Keeper { state_dir } => {
+                tokio::task::spawn_blocking(move || secretfs::handoff::keeper::run(&state_dir))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("keeper: {e}").into())
             }
             Command::ExampleProvider {
                 socket,

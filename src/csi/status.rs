@@ -30,6 +30,7 @@ impl From<volume::Error> for Status {
             },
             V::Target { .. } | V::ProviderWroteFiles { .. } => Status::failed_precondition(message),
             V::Mount(_) | V::Internal(_) => Status::internal(message),
+            V::HandedOver => Status::unavailable(message),
         }
     }
 }

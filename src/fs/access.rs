@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Owner and group of every file and directory of a volume.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Ownership {
     pub uid: u32,
     pub gid: u32,
@@ -22,7 +22,7 @@ impl Ownership {
 }
 
 /// What a volume's mount needs to know besides its contents.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Settings {
     pub volume_id: String,
     pub namespace: String,

@@ -10,11 +10,12 @@
 
 mod access;
 mod mounts;
+mod resume;
 mod tree;
 mod volume_fs;
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,7 +26,7 @@ pub use access::{Ownership, Settings, cgroup_has_pod};
 pub use mounts::{FSNAME, MountEntry, cached_pages, detach, mount_at, mount_table};
 use volume_fs::{State, VolumeFs};
 
-use crate::secret_mem::Snapshot;
+use crate::secret_mem::{FileLayout, ObjectVersion, Snapshot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -41,6 +42,8 @@ pub enum Error {
         target: PathBuf,
         source: std::io::Error,
     },
+    #[error("handing over the mount at {target}: {reason}")]
+    Handover { target: PathBuf, reason: String },
     #[error("swapping in the new version at {target}: {source}")]
     Swap {
         target: PathBuf,
@@ -55,6 +58,29 @@ pub struct Mounted {
     /// Writable clone of the mount, for the `..data` swap; closed on unmount.
     rw_root: Mutex<Option<OwnedFd>>,
     session: Mutex<Option<BackgroundSession>>,
+    /// A dup of the connection's `/dev/fuse` fd, to hand to a successor or the keeper.
+    fuse: OwnedFd,
+}
+
+/// What a successor process needs besides the fds to serve a mount: the non-secret layout.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct MountLayout {
+    pub settings: Settings,
+    /// The current version directory's name.
+    pub version: String,
+    pub inodes: tree::Inodes,
+    pub files: Vec<FileLayout>,
+    pub versions: Vec<(String, String)>,
+    pub region_len: usize,
+    pub first_handle: u64,
+}
+
+/// The fds of a mount, in the order they travel: `/dev/fuse`, the writable clone, the
+/// memfd_secret region.
+pub struct MountFds {
+    pub fuse: OwnedFd,
+    pub rw_root: OwnedFd,
+    pub region: OwnedFd,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -143,12 +169,14 @@ pub fn mount(target: &Path, snapshot: Arc<Snapshot>, settings: Settings) -> Resu
     let session =
         Session::new(VolumeFs(Arc::clone(&state)), target, &config()).map_err(mount_err)?;
     state.set_notifier(session.notifier());
+    let fuse = session.as_fd().try_clone_to_owned().map_err(mount_err)?;
     let session = session.spawn().map_err(mount_err)?;
     let mounted = Mounted {
         target: target.to_path_buf(),
         state,
         rw_root: Mutex::new(None),
         session: Mutex::new(Some(session)),
+        fuse,
     };
     // On error `mounted` drops and unmounts.
     *lock(&mounted.rw_root) = Some(clone_mount(target).map_err(mount_err)?);
@@ -156,7 +184,87 @@ pub fn mount(target: &Path, snapshot: Arc<Snapshot>, settings: Settings) -> Resu
     Ok(mounted)
 }
 
+/// Serves, from this process, a mount another driver process made and handed over (see
+/// `resume.rs`). Nothing is fetched or remounted; the bytes stay in the handed-over region.
+pub fn resume(target: &Path, layout: MountLayout, fds: MountFds) -> Result<Mounted, Error> {
+    let err = |reason: String| Error::Handover {
+        target: target.to_path_buf(),
+        reason,
+    };
+    let versions = layout
+        .versions
+        .into_iter()
+        .map(|(id, version)| ObjectVersion { id, version })
+        .collect();
+    let snapshot = Snapshot::adopt(fds.region, layout.region_len, layout.files, versions)
+        .map_err(|e| err(e.to_string()))?;
+    let state = State::resume(
+        Arc::new(snapshot),
+        layout.settings,
+        layout.inodes,
+        layout.version,
+        layout.first_handle,
+    )
+    .map_err(err)?;
+    let session = resume::session(VolumeFs(Arc::clone(&state)), fds.fuse, config())
+        .map_err(|e| err(e.to_string()))?;
+    state.set_notifier(session.notifier());
+    let fuse = session
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| err(e.to_string()))?;
+    let session = session.spawn().map_err(|e| err(e.to_string()))?;
+    Ok(Mounted {
+        target: target.to_path_buf(),
+        state,
+        rw_root: Mutex::new(Some(fds.rw_root)),
+        session: Mutex::new(Some(session)),
+        fuse,
+    })
+}
+
 impl Mounted {
+    /// The layout and dups of the fds a successor process needs to serve this mount. Fails
+    /// for mlock regions (they have no fd; such volumes cannot survive a restart).
+    pub fn handover(&self) -> Result<(MountLayout, MountFds), Error> {
+        let err = |reason: String| Error::Handover {
+            target: self.target.clone(),
+            reason,
+        };
+        let view = self.state.view();
+        let snapshot = &view.snapshot;
+        let region = snapshot
+            .region_fd()
+            .ok_or_else(|| err("mlock memory cannot be handed to another process".into()))?
+            .try_clone_to_owned()
+            .map_err(|e| err(e.to_string()))?;
+        let rw_root = lock(&self.rw_root)
+            .as_ref()
+            .ok_or_else(|| err("the mount is no longer served".into()))?
+            .try_clone()
+            .map_err(|e| err(e.to_string()))?;
+        let fuse = self.fuse.try_clone().map_err(|e| err(e.to_string()))?;
+        let layout = MountLayout {
+            settings: self.state.settings().clone(),
+            version: view.tree.version.0.to_string_lossy().into_owned(),
+            inodes: view.base.clone(),
+            files: snapshot.layout(),
+            versions: snapshot
+                .versions()
+                .iter()
+                .map(|o| (o.id.clone(), o.version.clone()))
+                .collect(),
+            region_len: snapshot.region_bytes(),
+            first_handle: self.state.next_handle().saturating_add(1 << 32),
+        };
+        Ok((layout, MountFds { fuse, rw_root, region }))
+    }
+
+    /// Has the kernel deliver again the requests a dead predecessor read but never answered.
+    pub fn resend_lost_requests(&self) -> std::io::Result<()> {
+        resume::resend(self.fuse.as_fd())
+    }
+
     pub fn target(&self) -> &Path {
         &self.target
     }

@@ -37,7 +37,9 @@ pub struct Node {
 }
 
 /// Hands out inode numbers for one mount: stable ones for file paths and top-level names,
-/// fresh ones for everything else.
+/// fresh ones for everything else. Not secret: handed to a successor process so that it
+/// rebuilds the same tree with the same numbers.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Inodes {
     next: u64,
     files: HashMap<String, u64>,

@@ -31,6 +31,9 @@ pub struct View {
     pub snapshot: Arc<Snapshot>,
     pub tree: Tree,
     owner: Ownership,
+    /// The inode allocator as it was before this view was built: building the same snapshot
+    /// under the same version name from it gives the same inode numbers.
+    pub base: Inodes,
 }
 
 impl View {
@@ -133,7 +136,27 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl State {
     pub fn new(snapshot: Arc<Snapshot>, settings: Settings) -> Result<Arc<State>, String> {
         let mut inodes = Inodes::default();
-        let view = build(snapshot, &mut inodes, None, settings.owner)?;
+        let name = version_name(snapshot.created());
+        let view = build(snapshot, &mut inodes, name, settings.owner)?;
+        State::with_view(view, inodes, settings)
+    }
+
+    /// The state a previous driver process had: the same tree, with the same inode numbers,
+    /// under the same version name (the kernel still caches those names and numbers).
+    pub fn resume(
+        snapshot: Arc<Snapshot>,
+        settings: Settings,
+        mut inodes: Inodes,
+        version: String,
+        first_handle: u64,
+    ) -> Result<Arc<State>, String> {
+        let view = build(snapshot, &mut inodes, version, settings.owner)?;
+        let state = State::with_view(view, inodes, settings)?;
+        state.next_fh.store(first_handle, Ordering::Relaxed);
+        Ok(state)
+    }
+
+    fn with_view(view: Arc<View>, inodes: Inodes, settings: Settings) -> Result<Arc<State>, String> {
         Ok(Arc::new(State {
             current: RwLock::new(view),
             pending: Mutex::new(None),
@@ -170,12 +193,11 @@ impl State {
     /// Builds the view of `snapshot` and stages it as the pending version.
     pub fn stage(&self, snapshot: Arc<Snapshot>) -> Result<Arc<View>, String> {
         let current = self.view();
-        let view = build(
-            snapshot,
-            &mut lock(&self.inodes),
-            Some(&current.tree.version.0),
-            self.settings.owner,
-        )?;
+        let mut name = version_name(snapshot.created());
+        if current.tree.version.0 == OsStr::new(&name) {
+            name.push('1'); // two snapshots in the same nanosecond: keep the names distinct
+        }
+        let view = build(snapshot, &mut lock(&self.inodes), name, self.settings.owner)?;
         *lock(&self.pending) = Some(Arc::clone(&view));
         self.tmp_linked.store(false, Ordering::SeqCst);
         Ok(view)
@@ -249,6 +271,25 @@ impl State {
         view.tree.lookup(self.dir_for(view, parent)?, name)
     }
 
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The bytes of file `ino` in the current view.
+    fn current_file(&self, ino: u64) -> Option<SecretBytes> {
+        let view = self.view();
+        match view.tree.node(ino)?.kind {
+            Kind::File(i) => Some(view.snapshot.files().get(i)?.bytes.clone()),
+            _ => None,
+        }
+    }
+
+    /// The next file handle number; a successor process starts far above it, so that handles
+    /// it hands out never equal ones still open from this process.
+    pub fn next_handle(&self) -> u64 {
+        self.next_fh.load(Ordering::Relaxed)
+    }
+
     pub fn reader_binding(&self) -> bool {
         self.settings.pod_uid.is_some()
     }
@@ -273,18 +314,16 @@ impl State {
 fn build(
     snapshot: Arc<Snapshot>,
     inodes: &mut Inodes,
-    previous: Option<&OsStr>,
+    name: String,
     owner: Ownership,
 ) -> Result<Arc<View>, String> {
-    let mut name = version_name(snapshot.created());
-    if previous == Some(OsStr::new(&name)) {
-        name.push('1'); // two snapshots in the same nanosecond: keep the names distinct
-    }
+    let base = inodes.clone();
     let tree = Tree::build(&snapshot, &name, inodes)?;
     Ok(Arc::new(View {
         snapshot,
         tree,
         owner,
+        base,
     }))
 }
 
@@ -446,7 +485,7 @@ impl Filesystem for VolumeFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -454,7 +493,14 @@ impl Filesystem for VolumeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let Some(bytes) = self.0.handles.get(&fh.0).map(|h| h.bytes.clone()) else {
+        // A handle opened under the previous driver process reads the current version.
+        let Some(bytes) = self
+            .0
+            .handles
+            .get(&fh.0)
+            .map(|h| h.bytes.clone())
+            .or_else(|| self.0.current_file(ino.0))
+        else {
             return reply.error(Errno::EBADF);
         };
         let start = usize::try_from(offset)

@@ -16,7 +16,7 @@ mod snapshot;
 pub use bounce::with_bounce;
 pub use map::{SecretMap, secret_json};
 pub use region::{MemoryKind, MemoryPolicy, Region, SealedRegion, set_policy};
-pub use snapshot::{ObjectVersion, SecretBytes, SecretFile, Snapshot, SnapshotBuilder};
+pub use snapshot::{FileLayout, ObjectVersion, SecretBytes, SecretFile, Snapshot, SnapshotBuilder};
 
 /// Failures to obtain or prepare locked memory. Never carries secret bytes.
 #[derive(Debug, thiserror::Error)]

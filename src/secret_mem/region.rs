@@ -1,5 +1,5 @@
 use std::fmt;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -148,6 +148,23 @@ impl Region {
         self.kind
     }
 
+    /// Maps the memfd_secret region another driver process created and handed over (its
+    /// bytes stay where they are; nothing is copied). `len` is the region's length.
+    pub fn from_secretmem_fd(fd: OwnedFd, len: usize) -> Result<Region, Error> {
+        use std::os::fd::AsRawFd;
+        let ptr = mmap(len, libc::MAP_SHARED, fd.as_raw_fd())?;
+        // SAFETY: ptr/len describe the mapping just created.
+        unsafe {
+            libc::madvise(ptr.as_ptr().cast(), len, libc::MADV_DONTDUMP);
+        }
+        Ok(Region::adopt(ptr, len, MemoryKind::SecretMem, Some(fd)))
+    }
+
+    /// The memfd behind a memfd_secret region (to hand it to another process); none for mlock.
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self._fd.as_ref().map(|fd| fd.as_fd())
+    }
+
     /// Bytes of `kind` currently mapped by live regions in this process.
     pub fn live_bytes(kind: MemoryKind) -> u64 {
         live(kind).load(Ordering::Relaxed)
@@ -198,6 +215,10 @@ impl SealedRegion {
 
     pub fn kind(&self) -> MemoryKind {
         self.0.kind
+    }
+
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.0.fd()
     }
 
     pub fn len(&self) -> usize {

@@ -1,4 +1,5 @@
 use std::fmt;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -65,6 +66,7 @@ pub struct SecretFile {
 /// zeroized and unmapped when the snapshot and every `SecretBytes` taken from it are gone.
 #[derive(Debug)]
 pub struct Snapshot {
+    region: Arc<SealedRegion>,
     files: Vec<SecretFile>,
     versions: Vec<ObjectVersion>,
     kind: MemoryKind,
@@ -93,6 +95,74 @@ impl Snapshot {
     pub fn created(&self) -> SystemTime {
         self.created
     }
+
+    /// Where each file sits in the region: path, mode, offset, length. Not secret.
+    pub fn layout(&self) -> Vec<FileLayout> {
+        self.files
+            .iter()
+            .map(|f| FileLayout {
+                path: f.path.clone(),
+                mode: f.mode,
+                offset: f.bytes.offset,
+                len: f.bytes.len,
+            })
+            .collect()
+    }
+
+    /// The memfd of the region, when it is memfd_secret memory (which can be handed to
+    /// another process without copying its bytes).
+    pub fn region_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.region.fd()
+    }
+
+    /// A snapshot over a memfd_secret region another driver process filled: `region_len`
+    /// bytes, files where `layout` says. Fails if the layout does not fit the region.
+    pub fn adopt(
+        fd: OwnedFd,
+        region_len: usize,
+        layout: Vec<FileLayout>,
+        versions: Vec<ObjectVersion>,
+    ) -> Result<Snapshot, Error> {
+        for f in &layout {
+            let end = f.offset.checked_add(f.len).unwrap_or(usize::MAX);
+            if end > region_len {
+                return Err(Error::Overflow {
+                    needed: end,
+                    capacity: region_len,
+                });
+            }
+        }
+        let region = Arc::new(Region::from_secretmem_fd(fd, region_len)?.seal());
+        let files = layout
+            .into_iter()
+            .map(|f| SecretFile {
+                path: f.path,
+                mode: f.mode,
+                bytes: SecretBytes {
+                    region: Arc::clone(&region),
+                    offset: f.offset,
+                    len: f.len,
+                },
+            })
+            .collect();
+        Ok(Snapshot {
+            region,
+            files,
+            versions,
+            kind: MemoryKind::SecretMem,
+            region_bytes: region_len,
+            created: SystemTime::now(),
+        })
+    }
+}
+
+/// Where one file of a snapshot sits in its region.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileLayout {
+    pub path: String,
+    pub mode: u32,
+    pub offset: usize,
+    pub len: usize,
 }
 
 /// Copies files into a fresh region sized for all of them, then seals it.
@@ -145,6 +215,7 @@ impl SnapshotBuilder {
             })
             .collect();
         Snapshot {
+            region,
             files,
             versions,
             kind,

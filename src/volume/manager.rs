@@ -6,6 +6,7 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use tokio::sync::Mutex;
 
+use super::handover::Watcher;
 use super::{Error, refresh::Schedule, target};
 use crate::class::{ClassSource, SecretProviderClass};
 use crate::fs;
@@ -80,8 +81,13 @@ pub struct Manager {
     bind_readers: bool,
     pub(super) volumes: DashMap<String, Volume>,
     /// target path → volume id, reserved before a publish starts.
-    targets: DashMap<PathBuf, String>,
+    pub(super) targets: DashMap<PathBuf, String>,
     locks: DashMap<String, Arc<Mutex<()>>>,
+    /// Told about publishes, rotations and unpublishes (the keeper link).
+    pub(super) watcher: std::sync::OnceLock<Arc<dyn Watcher>>,
+    /// Held shared by every publish, unpublish and refresh; true once the volumes were
+    /// handed to a successor process (then every call is refused).
+    pub(super) gate: tokio::sync::RwLock<bool>,
 }
 
 /// Releases a target reservation (and the directory this call created) unless disarmed.
@@ -120,6 +126,8 @@ impl Manager {
             volumes: DashMap::new(),
             targets: DashMap::new(),
             locks: DashMap::new(),
+            watcher: std::sync::OnceLock::new(),
+            gate: tokio::sync::RwLock::new(false),
         }
     }
 
@@ -139,8 +147,13 @@ impl Manager {
         let mut provider = String::new();
         let lock = self.lock_for(&req.volume_id);
         let result = {
+            let gate = self.gate.read().await;
             let _serial = lock.lock().await;
-            self.publish_locked(&req, &mut provider).await
+            if *gate {
+                Err(Error::HandedOver)
+            } else {
+                self.publish_locked(&req, &mut provider).await
+            }
         };
         drop(lock);
         let m = metrics::get();
@@ -253,6 +266,7 @@ impl Manager {
                 schedule: Schedule::fetched(self.interval),
             },
         );
+        self.notify_saved(&req.volume_id);
         Ok(())
     }
 
@@ -312,8 +326,13 @@ impl Manager {
             .map(|v| v.provider.clone())
             .unwrap_or_default();
         let result = {
+            let gate = self.gate.read().await;
             let _serial = lock.lock().await;
-            self.unpublish_locked(volume_id, target_path).await
+            if *gate {
+                Err(Error::HandedOver)
+            } else {
+                self.unpublish_locked(volume_id, target_path).await
+            }
         };
         drop(lock);
         self.forget_lock(volume_id);
@@ -333,6 +352,10 @@ impl Manager {
             .map(|(_, v)| v.mounted);
         let target = target_path.to_path_buf();
         let had_volume = mounted.is_some();
+        if had_volume {
+            // Before unmounting: a keeper holding the fds would keep the filesystem alive.
+            self.notify_forgotten(volume_id);
+        }
         tokio::task::spawn_blocking(move || -> Result<(), Error> {
             match mounted {
                 Some(m) => m.unmount()?,

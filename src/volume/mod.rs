@@ -4,10 +4,12 @@
 //! Both are idempotent as the CSI spec demands, calls for one volume are serialized, and calls
 //! for different volumes run in parallel.
 
+mod handover;
 mod manager;
 mod refresh;
 mod target;
 
+pub use handover::{VolumeRecord, Watcher};
 pub use manager::{Manager, PublishRequest, VolumeInfo, context};
 pub use refresh::Refresh;
 
@@ -32,6 +34,8 @@ pub enum Error {
     ProviderWroteFiles { provider: String },
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("this driver process has handed its volumes to a successor; retry")]
+    HandedOver,
 }
 
 impl Error {
@@ -60,6 +64,7 @@ impl Error {
             Error::Target { .. } => "TargetPath",
             Error::ProviderWroteFiles { .. } => "ProviderWroteFiles",
             Error::Internal(_) => "Internal",
+            Error::HandedOver => "HandedOver",
         }
         .to_string()
     }

@@ -82,8 +82,13 @@ impl Manager {
     pub async fn refresh(&self, volume_id: &str) -> Result<Refresh, Error> {
         let lock = self.lock_for(volume_id);
         let result = {
+            let gate = self.gate.read().await;
             let _serial = lock.lock().await;
-            self.refresh_locked(volume_id).await
+            if *gate {
+                Err(Error::HandedOver)
+            } else {
+                self.refresh_locked(volume_id).await
+            }
         };
         drop(lock);
         self.forget_lock(volume_id);
@@ -188,6 +193,7 @@ impl Manager {
         tokio::task::spawn_blocking(move || mounted.swap(next))
             .await
             .map_err(|e| Error::Internal(format!("swap task: {e}")))??;
+        self.notify_saved(volume_id);
         Ok(Refresh::Rotated)
     }
 }

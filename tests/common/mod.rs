@@ -51,6 +51,7 @@ pub struct Env {
     pub csi_socket: PathBuf,
     driver: Option<Child>,
     provider: Option<Child>,
+    keeper: Option<Child>,
 }
 
 fn wait_for_socket(path: &Path, child: &mut Child, what: &str) {
@@ -65,6 +66,21 @@ fn wait_for_socket(path: &Path, child: &mut Child, what: &str) {
         std::thread::sleep(Duration::from_millis(20));
     }
     panic!("{what} did not listen on {} within 15 s", path.display());
+}
+
+/// Waits until a `SOCK_SEQPACKET` listener accepts at `path`.
+fn wait_for_seqpacket(path: &Path, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if path.exists() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("keeper exited early: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("keeper did not listen on {} within 15 s", path.display());
 }
 
 impl Env {
@@ -92,6 +108,7 @@ impl Env {
             _dir: dir,
             driver: None,
             provider: None,
+            keeper: None,
         })
     }
 
@@ -120,8 +137,54 @@ impl Env {
     }
 
     pub fn start_driver(&mut self, extra: &[&str]) {
-        let log = self.log("driver.log");
+        let mut child = self.spawn_driver(extra);
+        wait_for_socket(&self.csi_socket, &mut child, "driver");
+        self.driver = Some(child);
+    }
+
+    /// Starts a second driver process while the first runs (an upgrade): it takes the
+    /// volumes over and the first exits. Returns how long the switch took.
+    pub fn replace_driver(&mut self, extra: &[&str]) -> Duration {
+        let started = Instant::now();
+        let mut old = self.driver.take().expect("driver running");
+        let mut new = self.spawn_driver(extra);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while old.try_wait().ok().flatten().is_none() {
+            if let Ok(Some(status)) = new.try_wait() {
+                panic!("successor exited early: {status}");
+            }
+            assert!(Instant::now() < deadline, "predecessor did not exit after the handover");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        wait_for_socket(&self.csi_socket, &mut new, "successor");
+        self.driver = Some(new);
+        started.elapsed()
+    }
+
+    /// SIGKILLs the driver, as a crash or the OOM killer would.
+    pub fn kill_driver(&mut self) {
+        let mut child = self.driver.take().expect("driver running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    pub fn start_keeper(&mut self) {
         let mut child = Command::new(BIN)
+            .arg("keeper")
+            .arg("--state-dir")
+            .arg(self.root.join("state"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(self.log("keeper.log"))
+            .spawn()
+            .expect("spawn keeper");
+        wait_for_seqpacket(&self.root.join("state/keeper.sock"), &mut child);
+        self.keeper = Some(child);
+    }
+
+    fn spawn_driver(&mut self, extra: &[&str]) -> Child {
+        let log = self.log("driver.log");
+        Command::new(BIN)
             .arg("serve")
             .arg("--endpoint")
             .arg(format!("unix://{}", self.csi_socket.display()))
@@ -151,9 +214,7 @@ impl Env {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("spawn driver");
-        wait_for_socket(&self.csi_socket, &mut child, "driver");
-        self.driver = Some(child);
+            .expect("spawn driver")
     }
 
     pub fn driver_pid(&self) -> u32 {
@@ -388,6 +449,10 @@ impl Drop for Env {
             let _ = d.wait();
         }
         self.kill_provider();
+        if let Some(mut k) = self.keeper.take() {
+            let _ = k.kill();
+            let _ = k.wait();
+        }
         // Deepest first, so nested mounts come off before their parents.
         let mut left = self.mounts();
         left.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
@@ -395,7 +460,7 @@ impl Drop for Env {
             let _ = secretfs::fs::detach(&m);
         }
         if std::thread::panicking() {
-            for log in ["driver.log", "provider.log"] {
+            for log in ["driver.log", "provider.log", "keeper.log"] {
                 if let Ok(text) = std::fs::read_to_string(self.root.join(log)) {
                     eprintln!("---- {log} ----\n{text}");
                 }
