@@ -15,7 +15,9 @@ const VOLUMES: usize = 3;
 const ROUNDS: usize = 10;
 
 fn store(v: u32) -> String {
-    format!("version: \"{v}\"\nfiles:\n  - path: token\n    contents: token-{v}\n  - path: dir/cert\n    contents: cert-{v}\n")
+    format!(
+        "version: \"{v}\"\nfiles:\n  - path: token\n    contents: token-{v}\n  - path: dir/cert\n    contents: cert-{v}\n"
+    )
 }
 
 /// Reader threads, one per volume, each reading both files in a loop.

@@ -257,7 +257,14 @@ impl Mounted {
             region_len: snapshot.region_bytes(),
             first_handle: self.state.next_handle().saturating_add(1 << 32),
         };
-        Ok((layout, MountFds { fuse, rw_root, region }))
+        Ok((
+            layout,
+            MountFds {
+                fuse,
+                rw_root,
+                region,
+            },
+        ))
     }
 
     /// Has the kernel deliver again the requests a dead predecessor read but never answered.

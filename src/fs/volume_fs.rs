@@ -156,7 +156,11 @@ impl State {
         Ok(state)
     }
 
-    fn with_view(view: Arc<View>, inodes: Inodes, settings: Settings) -> Result<Arc<State>, String> {
+    fn with_view(
+        view: Arc<View>,
+        inodes: Inodes,
+        settings: Settings,
+    ) -> Result<Arc<State>, String> {
         Ok(Arc::new(State {
             current: RwLock::new(view),
             pending: Mutex::new(None),

@@ -47,7 +47,11 @@ fn serve(conn: BorrowedFd<'_>, held: &Held) -> std::io::Result<()> {
             Message::Hello => {
                 let held = lock(held);
                 for (record, fds) in held.values() {
-                    wire::send(conn, &Message::Volume(Box::new(record.clone())), &fds_of(fds))?;
+                    wire::send(
+                        conn,
+                        &Message::Volume(Box::new(record.clone())),
+                        &fds_of(fds),
+                    )?;
                 }
                 wire::send(conn, &Message::Done, &[])?;
                 tracing::info!(volumes = held.len(), "handed the held volumes to a driver");

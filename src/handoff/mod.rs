@@ -164,7 +164,9 @@ fn adopt_all(sock: BorrowedFd<'_>, manager: &Manager, rt: &Handle) -> std::io::R
                 };
                 match rt.block_on(manager.adopt(*record, fds)) {
                     Ok(()) => adopted += 1,
-                    Err(e) => tracing::error!(volume_id = %id, error = %e, "cannot take the volume over"),
+                    Err(e) => {
+                        tracing::error!(volume_id = %id, error = %e, "cannot take the volume over")
+                    }
                 }
             }
             Some((Message::Done, _)) => return Ok(adopted),
@@ -192,7 +194,11 @@ fn from_predecessor(
         wire::send(sock.as_fd(), &Message::Taken, &[])?;
         // The predecessor exits now; its end closes when it is gone.
         let timeout = nix::sys::time::TimeVal::new(10, 0);
-        let _ = nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &timeout);
+        let _ = nix::sys::socket::setsockopt(
+            &sock,
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &timeout,
+        );
         while let Ok(Some(_)) = wire::recv(sock.as_fd()) {}
         Ok(adopted)
     })())
@@ -347,7 +353,11 @@ fn hand_over(conn: BorrowedFd<'_>, manager: &Manager, rt: &Handle) -> std::io::R
     rt.block_on(manager.freeze());
     let all = manager.export_all();
     for (record, fds) in &all {
-        wire::send(conn, &Message::Volume(Box::new(record.clone())), &fds_of(fds))?;
+        wire::send(
+            conn,
+            &Message::Volume(Box::new(record.clone())),
+            &fds_of(fds),
+        )?;
     }
     wire::send(conn, &Message::Done, &[])?;
     match wire::recv(conn)? {

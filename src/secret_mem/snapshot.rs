@@ -124,7 +124,7 @@ impl Snapshot {
         versions: Vec<ObjectVersion>,
     ) -> Result<Snapshot, Error> {
         for f in &layout {
-            let end = f.offset.checked_add(f.len).unwrap_or(usize::MAX);
+            let end = f.offset.saturating_add(f.len);
             if end > region_len {
                 return Err(Error::Overflow {
                     needed: end,

@@ -153,7 +153,10 @@ impl Env {
             if let Ok(Some(status)) = new.try_wait() {
                 panic!("successor exited early: {status}");
             }
-            assert!(Instant::now() < deadline, "predecessor did not exit after the handover");
+            assert!(
+                Instant::now() < deadline,
+                "predecessor did not exit after the handover"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         wait_for_socket(&self.csi_socket, &mut new, "successor");
