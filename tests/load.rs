@@ -84,6 +84,24 @@ fn threads(pid: u32) -> usize {
     count_dir(format!("/proc/{pid}/task"))
 }
 
+/// The names and kernel wait channels of the process's threads, for a failure message.
+fn thread_names(pid: u32) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .map(|e| {
+            let read = |f: &str| {
+                std::fs::read_to_string(e.path().join(f))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
+            };
+            format!("{} ({})", read("comm"), read("wchan"))
+        })
+        .collect()
+}
+
 fn fds(pid: u32) -> usize {
     count_dir(format!("/proc/{pid}/fd"))
 }
@@ -295,7 +313,8 @@ async fn publish_unpublish_cycles_under_provider_faults() {
         }
         assert!(
             Instant::now() < deadline,
-            "resources not released: threads {t} (baseline {base_threads}), fds {f} (baseline {base_fds}), regions {regions}, secret-memory bytes {held}"
+            "resources not released: threads {t} (baseline {base_threads}): {:?}, fds {f} (baseline {base_fds}), regions {regions}, secret-memory bytes {held}",
+            thread_names(pid)
         );
         std::thread::sleep(Duration::from_millis(250));
     }

@@ -229,3 +229,48 @@ async fn restart_without_keeper_detaches_dead_mounts_and_republishes() {
     );
     env.unpublish("vol-x", &target).await.expect("unpublish");
 }
+
+/// A `SOCK_SEQPACKET` connection to `path` from this (non-secretfs) process.
+fn seqpacket_connect(path: &std::path::Path) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: plain socket calls on a zeroed sockaddr_un filled within bounds.
+    unsafe {
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0);
+        let mut addr: libc::sockaddr_un = std::mem::zeroed();
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (i, b) in path.as_os_str().as_bytes().iter().enumerate() {
+            addr.sun_path[i] = *b as libc::c_char;
+        }
+        let rc = libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_un).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        );
+        assert_eq!(rc, 0, "connect {}", path.display());
+        std::os::fd::OwnedFd::from_raw_fd(fd)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_secretfs_process_can_take_the_volumes() {
+    use std::io::{Read, Write};
+    let Some(env) = Env::start_with(&store(1), &[], false) else {
+        return;
+    };
+    let target = env.target("pod-y");
+    env.publish("vol-y", &target).await.expect("publish");
+    let mut sock = std::fs::File::from(seqpacket_connect(&env.root.join("state/handoff.sock")));
+    sock.write_all(br#"{"type":"take"}"#).expect("send take");
+    let mut reply = vec![0u8; 4096];
+    let n = sock.read(&mut reply).expect("reply");
+    let reply = String::from_utf8_lossy(&reply[..n]).to_string();
+    assert!(reply.contains("refused"), "{reply}");
+    // The driver still serves and still answers.
+    assert_eq!(
+        std::fs::read_to_string(target.join("token")).expect("read"),
+        "token-1"
+    );
+    env.unpublish("vol-y", &target).await.expect("unpublish");
+}

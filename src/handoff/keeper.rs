@@ -42,6 +42,14 @@ pub fn run(state_dir: &Path) -> std::io::Result<()> {
 }
 
 fn serve(conn: BorrowedFd<'_>, held: &Held) -> std::io::Result<()> {
+    let peer = match wire::trusted_peer(conn) {
+        Ok(p) => p,
+        Err(reason) => {
+            tracing::warn!(%reason, "connection refused");
+            return Ok(());
+        }
+    };
+    tracing::info!(pid = peer.pid, "driver connected");
     while let Some((msg, fds)) = wire::recv(conn)? {
         match msg {
             Message::Hello => {

@@ -290,17 +290,20 @@ pub async fn start(manager: &Arc<Manager>, state_dir: &Path) -> Origin {
     .unwrap_or(Origin::Fresh(0));
     tracing::info!(?origin, "volumes of earlier driver processes");
     manager.set_watcher(Arc::clone(&link) as Arc<dyn Watcher>);
-    // Keep the keeper in sync (first now, then whenever it was lost).
-    tokio::spawn({
-        let (manager, link) = (Arc::clone(manager), Arc::clone(&link));
-        async move {
+    // Keep the keeper in sync (first now, then whenever it was lost). A thread of its own:
+    // a blocking-pool task every 2 s would keep every idle pool thread awake for good.
+    let (m, l) = (Arc::clone(manager), Arc::clone(&link));
+    if let Err(e) = std::thread::Builder::new()
+        .name("secretfs-keeper".into())
+        .spawn(move || {
             loop {
-                let (m, l) = (Arc::clone(&manager), Arc::clone(&link));
-                let _ = tokio::task::spawn_blocking(move || l.sync_keeper(&m)).await;
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                l.sync_keeper(&m);
+                std::thread::sleep(Duration::from_secs(2));
             }
-        }
-    });
+        })
+    {
+        tracing::error!(error = %e, "cannot start the keeper link; volumes will not survive a crash");
+    }
     listen_for_successor(Arc::clone(manager), state_dir);
     origin
 }
@@ -340,6 +343,8 @@ fn listen_for_successor(manager: Arc<Manager>, state_dir: &Path) {
 
 /// One successor's request. Exits the process once the successor has taken every volume.
 fn hand_over(conn: BorrowedFd<'_>, manager: &Manager, rt: &Handle) -> std::io::Result<()> {
+    // The request is read before the peer is judged: closing a socket with an unread
+    // message in it resets the connection, and the peer would never see the refusal.
     match wire::recv(conn)? {
         Some((Message::Take, _)) => {}
         other => {
@@ -349,7 +354,15 @@ fn hand_over(conn: BorrowedFd<'_>, manager: &Manager, rt: &Handle) -> std::io::R
             )));
         }
     }
-    tracing::info!("a successor asks for the volumes: handing over");
+    let peer = match wire::trusted_peer(conn) {
+        Ok(p) => p,
+        Err(reason) => {
+            tracing::warn!(%reason, "handover request refused");
+            let _ = wire::send(conn, &Message::Refused { reason }, &[]);
+            return Ok(());
+        }
+    };
+    tracing::info!(pid = peer.pid, exe = %peer.exe.display(), "a successor asks for the volumes: handing over");
     rt.block_on(manager.freeze());
     let all = manager.export_all();
     for (record, fds) in &all {

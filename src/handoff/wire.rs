@@ -121,3 +121,34 @@ pub fn recv(sock: BorrowedFd<'_>) -> std::io::Result<Option<(Message, Vec<OwnedF
     let msg = serde_json::from_slice(&body[..len]).map_err(std::io::Error::other)?;
     Ok(Some((msg, fds)))
 }
+
+/// Who is on the other end of `sock`: pid, uid and executable.
+#[derive(Debug)]
+pub struct Peer {
+    pub pid: i32,
+    pub uid: u32,
+    pub exe: std::path::PathBuf,
+}
+
+/// The peer, if it is a secretfs process of our own user (the same executable name; an
+/// upgrade brings a different file). Anything else may not take or hand over fds.
+pub fn trusted_peer(sock: BorrowedFd<'_>) -> Result<Peer, String> {
+    let cred = socket::getsockopt(&sock, socket::sockopt::PeerCredentials)
+        .map_err(|e| format!("no peer credentials: {e}"))?;
+    let exe = std::fs::read_link(format!("/proc/{}/exe", cred.pid()))
+        .map_err(|e| format!("peer pid {}: {e}", cred.pid()))?;
+    let peer = Peer {
+        pid: cred.pid(),
+        uid: cred.uid(),
+        exe,
+    };
+    let ours = std::env::current_exe().map_err(|e| e.to_string())?;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if peer.uid != euid || peer.exe.file_name() != ours.file_name() {
+        return Err(format!(
+            "refusing {peer:?}: not a secretfs process of uid {euid}"
+        ));
+    }
+    Ok(peer)
+}
