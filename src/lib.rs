@@ -14,6 +14,7 @@ pub mod grpc_uds;
 pub mod handoff;
 pub mod hardening;
 pub mod metrics;
+pub mod podstatus;
 pub mod proto;
 pub mod provider;
 pub mod rotation;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use secretfs::class::{ClassSource, DirSource};
+use secretfs::class::{ApiSource, ClassSource, DirSource};
 use secretfs::csi::{IdentityService, NodeService};
 use secretfs::provider::ProviderClient;
 use secretfs::provider::example::{self, ExampleProvider};
@@ -27,6 +27,9 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Same as --log-format json (the upstream driver's flag).
+    #[arg(long, global = true)]
+    log_format_json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -40,7 +43,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the CSI node plugin.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run the driver and an example provider in-process, publish a volume as kubelet
     /// would, show it, and clean up (needs root and /dev/fuse).
     Demo,
@@ -99,9 +102,26 @@ pub struct ServeArgs {
         default_value = "/var/run/secrets-store-csi-providers"
     )]
     provider_dirs: Vec<PathBuf>,
-    /// Standalone mode: read SecretProviderClass objects from *.yaml/*.yml files here.
+    /// More provider socket directories, searched after --provider-dir (comma-separated or
+    /// repeated).
+    #[arg(
+        long = "additional-provider-volume-paths",
+        value_delimiter = ',',
+        default_value = "/etc/kubernetes/secrets-store-csi-providers"
+    )]
+    additional_provider_dirs: Vec<PathBuf>,
+    /// Standalone mode: read SecretProviderClass objects from *.yaml/*.yml files here. Without
+    /// it, classes come from the Kubernetes API.
     #[arg(long)]
     class_dir: Option<PathBuf>,
+    /// Kubernetes API credentials; default: KUBECONFIG, ~/.kube/config, then the in-cluster
+    /// service account.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Write a SecretProviderClassPodStatus per mounted pod volume (default: on without
+    /// --class-dir, off with it).
+    #[arg(long, action = clap::ArgAction::Set)]
+    write_pod_status: Option<bool>,
     /// Directory for non-secret driver state.
     #[arg(long, default_value = "/var/lib/secretfs")]
     state_dir: PathBuf,
@@ -127,7 +147,8 @@ pub struct ServeArgs {
     /// root. Volumes without csi.storage.k8s.io/pod.uid are not bound.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     bind_readers_to_pod: bool,
-    /// Prometheus /metrics, /healthz and /readyz listen here; empty: off.
+    /// Prometheus /metrics, /healthz and /readyz listen here (`ADDR:PORT` or `:PORT`); empty:
+    /// off.
     #[arg(long, default_value = "0.0.0.0:8095")]
     metrics_addr: String,
     /// Most provider calls the background refresh makes at once.
@@ -192,23 +213,30 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send +
     });
     std::fs::create_dir_all(&args.state_dir)
         .map_err(|e| format!("--state-dir {}: {e}", args.state_dir.display()))?;
-    let classes: Arc<dyn ClassSource> = match &args.class_dir {
-        Some(dir) => Arc::new(DirSource::new(dir)),
-        None => {
-            return Err(
-                "--class-dir is required: the Kubernetes API class source is not built yet".into(),
-            );
-        }
+    let write_pod_status = args.write_pod_status.unwrap_or(args.class_dir.is_none());
+    let kube = if args.class_dir.is_none() || write_pod_status {
+        Some(secretfs::class::client(args.kubeconfig.as_deref()).await?)
+    } else {
+        None
     };
+    let classes: Arc<dyn ClassSource> = match (&args.class_dir, &kube) {
+        (Some(dir), _) => Arc::new(DirSource::new(dir)),
+        (None, Some(client)) => Arc::new(ApiSource::start(client.clone())),
+        (None, None) => return Err("no class source".into()),
+    };
+    let mut provider_dirs = args.provider_dirs.clone();
+    provider_dirs.extend(args.additional_provider_dirs.iter().cloned());
     let provider = ProviderClient {
-        dirs: args.provider_dirs.clone(),
+        dirs: provider_dirs.clone(),
         timeout: args.provider_timeout,
         max_volume_bytes: args.max_volume_bytes,
     };
     tracing::info!(
         driver = %args.driver_name,
         node = %args.node_id,
-        providers = ?args.provider_dirs,
+        providers = ?provider_dirs,
+        classes = if args.class_dir.is_some() { "directory" } else { "Kubernetes API" },
+        write_pod_status,
         rotation_interval = ?args.rotation_interval,
         memory = Region::preferred_kind().map_or("unavailable: publishes will fail", MemoryKind::as_str),
         "starting secretfs"
@@ -219,6 +247,12 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send +
         args.rotation_interval,
         args.bind_readers_to_pod,
     ));
+    if let Some(client) = kube.filter(|_| write_pod_status) {
+        manager.set_status_sink(Arc::new(secretfs::podstatus::Writer::start(
+            client,
+            &args.node_id,
+        )));
+    }
     // Volumes of an earlier driver process (a running predecessor, or the keeper) are taken
     // over before this process binds its sockets.
     secretfs::handoff::start(&manager, &args.state_dir).await;
@@ -247,8 +281,12 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send +
     let metrics = if args.metrics_addr.is_empty() {
         None
     } else {
-        let addr: std::net::SocketAddr = args
-            .metrics_addr
+        // `:8095` (the upstream driver's spelling) listens on every address.
+        let spelled = match args.metrics_addr.strip_prefix(':') {
+            Some(port) => format!("0.0.0.0:{port}"),
+            None => args.metrics_addr.clone(),
+        };
+        let addr: std::net::SocketAddr = spelled
             .parse()
             .map_err(|e| format!("--metrics-addr {:?}: {e}", args.metrics_addr))?;
         let ready = identity.ready_flag();
@@ -290,7 +328,12 @@ fn main() -> ExitCode {
     } else {
         "info"
     };
-    init_logging(cli.log_format, level);
+    let format = if cli.log_format_json {
+        LogFormat::Json
+    } else {
+        cli.log_format
+    };
+    init_logging(format, level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -304,7 +347,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(*args).await,
             Command::Demo => secretfs::demo::run().await,
             Command::Doctor { json } => {
                 let checks = tokio::task::spawn_blocking(secretfs::admin::doctor::run)

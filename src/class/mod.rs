@@ -1,11 +1,13 @@
 //! SecretProviderClass resolution: which provider serves a volume and with which parameters.
 //!
 //! Lookup sits behind [`ClassSource`] so that the standalone directory source ([`DirSource`])
-//! and the Kubernetes API source are interchangeable.
+//! and the Kubernetes API source ([`ApiSource`]) are interchangeable.
 
+mod api;
 mod dir;
 mod parse;
 
+pub use api::{ApiSource, client};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;

@@ -59,10 +59,24 @@ fn convert(doc: Document) -> Result<SecretProviderClass, Error> {
             "apiVersion {api:?} is not {GROUP}/v1 or {GROUP}/v1alpha1"
         )));
     }
-    let name = non_empty(doc.metadata.name, "metadata.name")?;
-    let spec = doc
-        .spec
-        .ok_or_else(|| Error::Invalid(format!("class {name}: spec is required")))?;
+    class_from(doc.metadata, doc.spec)
+}
+
+/// A class as the Kubernetes API returns it: its metadata and its `spec` (JSON).
+pub fn from_api_object(
+    namespace: Option<String>,
+    name: Option<String>,
+    spec: Option<&serde_json::Value>,
+) -> Result<SecretProviderClass, Error> {
+    let spec = spec
+        .map(|s| Spec::deserialize(s).map_err(|e| Error::Invalid(format!("spec: {e}"))))
+        .transpose()?;
+    class_from(Metadata { name, namespace }, spec)
+}
+
+fn class_from(metadata: Metadata, spec: Option<Spec>) -> Result<SecretProviderClass, Error> {
+    let name = non_empty(metadata.name, "metadata.name")?;
+    let spec = spec.ok_or_else(|| Error::Invalid(format!("class {name}: spec is required")))?;
     let provider = non_empty(spec.provider, "spec.provider")
         .map_err(|e| Error::Invalid(format!("class {name}: {e}")))?;
     let mut parameters = BTreeMap::new();
@@ -81,8 +95,7 @@ fn convert(doc: Document) -> Result<SecretProviderClass, Error> {
         parameters.insert(key, text);
     }
     Ok(SecretProviderClass {
-        namespace: doc
-            .metadata
+        namespace: metadata
             .namespace
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| "default".to_string()),

@@ -7,14 +7,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::manager::{Manager, Volume};
+use super::manager::{Manager, Volume, context};
 use super::{Error, refresh::Schedule};
 use crate::fs::{self, MountFds, MountLayout};
 use crate::secret_mem::SecretMap;
-
-/// The volume-context key that carries service-account tokens: never handed over (kubelet's
-/// next republish brings fresh ones).
-const TOKENS: &str = "csi.storage.k8s.io/serviceAccount.tokens";
 
 /// Everything about a published volume except its bytes and tokens.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -76,7 +72,8 @@ impl Manager {
                     context: v
                         .context
                         .iter()
-                        .filter(|(k, _)| *k != TOKENS)
+                        // Tokens are never handed over: the next republish brings fresh ones.
+                        .filter(|(k, _)| *k != context::TOKENS)
                         .map(|(k, v)| (k.to_string(), v.to_string()))
                         .collect(),
                     mount,

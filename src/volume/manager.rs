@@ -85,6 +85,8 @@ pub struct Manager {
     locks: DashMap<String, Arc<Mutex<()>>>,
     /// Told about publishes, rotations and unpublishes (the keeper link).
     pub(super) watcher: std::sync::OnceLock<Arc<dyn Watcher>>,
+    /// Told which pod volumes are mounted (SecretProviderClassPodStatus).
+    pub(super) status_sink: std::sync::OnceLock<Arc<dyn super::StatusSink>>,
     /// Held shared by every publish, unpublish and refresh; true once the volumes were
     /// handed to a successor process (then every call is refused).
     pub(super) gate: tokio::sync::RwLock<bool>,
@@ -127,6 +129,7 @@ impl Manager {
             targets: DashMap::new(),
             locks: DashMap::new(),
             watcher: std::sync::OnceLock::new(),
+            status_sink: std::sync::OnceLock::new(),
             gate: tokio::sync::RwLock::new(false),
         }
     }
@@ -267,11 +270,14 @@ impl Manager {
             },
         );
         self.notify_saved(&req.volume_id);
+        self.report_mounted(&req.volume_id);
         Ok(())
     }
 
     /// The provider call for a volume: class parameters merged with the volume context as
-    /// `attributes`, the request's secrets as `secrets`.
+    /// `attributes`, the request's secrets as `secrets`. Service-account tokens go to the
+    /// provider in `attributes` wherever kubelet put them: in the volume context, or (with
+    /// the CSIDriver's `serviceAccountTokenInSecrets`) in `secrets`, which then win.
     pub(super) fn mount_call<'a>(
         class: &'a SecretProviderClass,
         context: &SecretMap,
@@ -284,10 +290,11 @@ impl Manager {
             .parameters
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()));
+        let tokens = secrets.get(context::TOKENS).map(|t| (context::TOKENS, t));
         MountCall {
             provider: &class.provider,
-            attributes: secret_json(params.chain(context.iter())),
-            secrets: secret_json(secrets.iter()),
+            attributes: secret_json(params.chain(context.iter()).chain(tokens)),
+            secrets: secret_json(secrets.iter().filter(|(k, _)| *k != context::TOKENS)),
             target_path: target,
             permission: default_mode,
             current,
@@ -349,7 +356,10 @@ impl Manager {
         let mounted = self
             .volumes
             .remove_if(volume_id, |_, v| v.target == target_path)
-            .map(|(_, v)| v.mounted);
+            .map(|(_, v)| {
+                self.report_unmounted(&v);
+                v.mounted
+            });
         let target = target_path.to_path_buf();
         let had_volume = mounted.is_some();
         if had_volume {
@@ -451,6 +461,9 @@ pub mod context {
     pub const POD_NAME: &str = "csi.storage.k8s.io/pod.name";
     pub const POD_NAMESPACE: &str = "csi.storage.k8s.io/pod.namespace";
     pub const POD_UID: &str = "csi.storage.k8s.io/pod.uid";
+    /// Service-account tokens (JSON: audience → token), from the CSIDriver's `tokenRequests`;
+    /// in the volume context, or in `secrets` with `serviceAccountTokenInSecrets: true`.
+    pub const TOKENS: &str = "csi.storage.k8s.io/serviceAccount.tokens";
     /// Volume attributes a pod may set: numeric owner and group of the files, and the mode
     /// of files whose provider gives none.
     pub const FILE_OWNER: &str = "fileOwner";

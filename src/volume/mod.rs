@@ -7,11 +7,13 @@
 mod handover;
 mod manager;
 mod refresh;
+mod status;
 mod target;
 
 pub use handover::{VolumeRecord, Watcher};
 pub use manager::{Manager, PublishRequest, VolumeInfo, context};
 pub use refresh::Refresh;
+pub use status::{PodStatus, StatusSink};
 
 use std::path::PathBuf;
 

@@ -194,6 +194,7 @@ impl Manager {
             .await
             .map_err(|e| Error::Internal(format!("swap task: {e}")))??;
         self.notify_saved(volume_id);
+        self.report_mounted(volume_id);
         Ok(Refresh::Rotated)
     }
 }
