@@ -109,3 +109,40 @@ async fn metrics_count_publishes_errors_rotations_and_memory() {
         "metrics expose secret contents"
     );
 }
+
+/// The upstream driver's spellings: `--metrics-addr=:PORT`, `--log-format-json`, and provider
+/// sockets found through `--additional-provider-volume-paths`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_flag_spellings_work() {
+    let port = free_port();
+    let Some(mut env) = Env::new() else {
+        return;
+    };
+    env.write_secrets("files:\n  - path: token\n    contents: upstream\n");
+    env.write_class("default", "app", common::PROVIDER, &[]);
+    env.start_provider_with(false);
+    let empty = env.root.join("no-providers");
+    std::fs::create_dir(&empty).expect("mkdir");
+    let metrics = format!("--metrics-addr=:{port}");
+    let extra = format!(
+        "--additional-provider-volume-paths={},{}",
+        env.root.join("missing").display(),
+        env.provider_dir.display()
+    );
+    let first = format!("--provider-dir={}", empty.display());
+    env.start_driver(&[&metrics, "--log-format-json", &first, &extra]);
+    assert_eq!(get(port, "/healthz").0, 200, "listening on every address");
+    let target = env.target("pod-u");
+    env.publish("vol-u", &target)
+        .await
+        .expect("provider found in an additional dir");
+    assert_eq!(
+        std::fs::read_to_string(target.join("token")).expect("read"),
+        "upstream"
+    );
+    env.unpublish("vol-u", &target).await.expect("unpublish");
+    let log = std::fs::read_to_string(env.root.join("driver.log")).expect("log");
+    let first_line = log.lines().next().expect("a log line");
+    let parsed: serde_json::Value = serde_json::from_str(first_line).expect("JSON log line");
+    assert!(parsed.get("fields").is_some(), "{first_line}");
+}

@@ -190,6 +190,7 @@ impl Env {
     fn spawn_driver(&mut self, extra: &[&str]) -> Child {
         let log = self.log("driver.log");
         // Classes come from the class dir unless the test points the driver at an API server.
+        let provider_dir = format!("--provider-dir={}", self.provider_dir.display());
         let class_dir = (!extra.iter().any(|a| a.starts_with("--kubeconfig")))
             .then(|| format!("--class-dir={}", self.class_dir.display()));
         Command::new(BIN)
@@ -197,8 +198,7 @@ impl Env {
             .arg("--endpoint")
             .arg(format!("unix://{}", self.csi_socket.display()))
             .args(["--node-id", "test-node"])
-            .arg("--provider-dir")
-            .arg(&self.provider_dir)
+            .args(default_flag(extra, "--provider-dir", &provider_dir))
             .args(class_dir)
             .arg("--state-dir")
             .arg(self.root.join("state"))
