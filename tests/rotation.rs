@@ -410,11 +410,19 @@ async fn inotify_watchers_see_the_data_swap() {
     let mask = libc::IN_CREATE | libc::IN_MOVED_TO | libc::IN_MOVED_FROM | libc::IN_DELETE;
     // SAFETY: valid fd and path.
     assert!(unsafe { libc::inotify_add_watch(fd, path.as_ptr(), mask) } >= 0);
+    // A watch on the file itself (through its symlink, as reloaders set it) sees the file
+    // rewritten: the driver signals each changed file after the swap.
+    let file = CString::new(target.join("token").as_os_str().as_bytes()).expect("cstring");
+    // SAFETY: valid fd and path.
+    assert!(
+        unsafe {
+            libc::inotify_add_watch(fd, file.as_ptr(), libc::IN_MODIFY | libc::IN_CLOSE_WRITE)
+        } >= 0
+    );
 
     env.write_secrets(&store(2, ""));
     let events = inotify_events(fd, Duration::from_secs(5), |ev| {
-        ev.iter()
-            .any(|(m, n)| m & libc::IN_MOVED_TO != 0 && n == "..data")
+        ev.iter().any(|(m, _)| m & libc::IN_CLOSE_WRITE != 0)
     });
     // SAFETY: closing our fd.
     unsafe { libc::close(fd) };
@@ -431,6 +439,23 @@ async fn inotify_watchers_see_the_data_swap() {
         has(libc::IN_MOVED_TO, "..data"),
         "no IN_MOVED_TO ..data in {events:?}"
     );
+    assert!(
+        has(libc::IN_MODIFY, ""),
+        "no IN_MODIFY on the file in {events:?}"
+    );
+    assert!(
+        has(libc::IN_CLOSE_WRITE, ""),
+        "no IN_CLOSE_WRITE on the file in {events:?}"
+    );
+    let moved = events
+        .iter()
+        .position(|(m, n)| m & libc::IN_MOVED_TO != 0 && n == "..data");
+    let modified = events.iter().position(|(m, _)| m & libc::IN_MODIFY != 0);
+    assert!(
+        moved < modified,
+        "the file is signalled after the swap: {events:?}"
+    );
+    // The signal changed nothing: the new version, whole.
     assert_eq!(read(&target.join("token")), token(2));
     env.unpublish("vol-watch", &target)
         .await

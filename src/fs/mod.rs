@@ -115,6 +115,42 @@ fn os_result(rc: libc::c_int) -> std::io::Result<()> {
     }
 }
 
+/// Lets inotify watchers of each file whose contents a swap changed see `IN_MODIFY` and
+/// `IN_CLOSE_WRITE`, as if the new contents had been written in place: the driver opens the
+/// file for writing through its writable clone and writes one byte, which the filesystem
+/// accepts from the driver only and discards (the bytes served are the new version's). Files
+/// are path-stable inodes, so the watch a reader put on the old version's file fires. Empty
+/// files are skipped (a one-byte write would briefly grow the kernel's idea of their size).
+fn touch_changed(rw: std::os::fd::BorrowedFd<'_>, old: &Snapshot, new: &Snapshot) {
+    for file in new.files() {
+        let unchanged = old
+            .files()
+            .iter()
+            .any(|f| f.path == file.path && f.bytes.expose() == file.bytes.expose());
+        if unchanged || file.bytes.is_empty() {
+            continue;
+        }
+        let Ok(path) = CString::new(format!("{}/{}", tree::DATA, file.path)) else {
+            continue;
+        };
+        // SAFETY: valid fd and C string; the fd is closed right below.
+        let fd = unsafe {
+            libc::openat(
+                rw.as_raw_fd(),
+                path.as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            tracing::debug!(path = %file.path, error = %std::io::Error::last_os_error(), "cannot signal a modified file");
+            continue;
+        }
+        // SAFETY: fd was just opened and is owned here.
+        let mut sink = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        let _ = std::io::Write::write(&mut sink, b"-");
+    }
+}
+
 /// A detached, writable clone of the mount at `target` (open_tree(2) with OPEN_TREE_CLONE).
 fn clone_mount(target: &Path) -> std::io::Result<OwnedFd> {
     const OPEN_TREE_CLONE: libc::c_uint = 1;
@@ -356,6 +392,7 @@ impl Mounted {
             }
             let _ = n.inval_inode(INodeNo(tree::ROOT), 0, 0);
         }
+        touch_changed(rw.as_fd(), &old.snapshot, &new.snapshot);
         Ok(())
     }
 

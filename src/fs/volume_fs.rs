@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, mpsc};
 use std::time::{Duration, SystemTime};
 
-use dashmap::DashMap;
+use dashmap::{DashMap, DashSet};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
     Notifier, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyData, ReplyDirectory,
@@ -123,6 +123,8 @@ pub struct State {
     /// failing with ENOENT.
     retired: Mutex<VecDeque<Retired>>,
     handles: DashMap<u64, Handle>,
+    /// Handles the driver opened for writing, to signal a rotated file (see `touch_changed`).
+    touches: DashSet<u64>,
     next_fh: AtomicU64,
     notifier: OnceLock<Notifier>,
     settings: Settings,
@@ -168,6 +170,7 @@ impl State {
             inodes: Mutex::new(inodes),
             retired: Mutex::new(VecDeque::new()),
             handles: DashMap::new(),
+            touches: DashSet::new(),
             next_fh: AtomicU64::new(1),
             notifier: OnceLock::new(),
             settings,
@@ -432,6 +435,17 @@ impl Filesystem for VolumeFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            // The driver signals a rotated file to inotify watchers with a write that changes
+            // nothing (see `touch_changed`); nobody else may open for writing.
+            let file = matches!(
+                self.0.view().tree.node(ino.0).map(|n| &n.kind),
+                Some(Kind::File(_))
+            );
+            if file && flags.acc_mode() == OpenAccMode::O_WRONLY && from_driver(req) {
+                let fh = self.0.next_fh.fetch_add(1, Ordering::Relaxed);
+                self.0.touches.insert(fh);
+                return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
+            }
             return reply.error(Errno::EROFS);
         }
         let view = self.0.view();
@@ -537,6 +551,7 @@ impl Filesystem for VolumeFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.0.touches.remove(&fh.0);
         if let Some((_, handle)) = self.0.handles.remove(&fh.0) {
             // A private mmap or sendfile of a direct-I/O file still fills the page cache; drop
             // it once the handle (and with it every mapping) is gone.
@@ -655,19 +670,24 @@ impl Filesystem for VolumeFs {
         reply.error(Errno::EROFS);
     }
 
+    /// Only the driver's modify signal gets here; its bytes are discarded.
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _offset: u64,
-        _data: &[u8],
+        data: &[u8],
         _write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        reply.error(Errno::EROFS);
+        if self.0.touches.contains(&fh.0) && from_driver(req) {
+            reply.written(u32::try_from(data.len()).unwrap_or(u32::MAX));
+        } else {
+            reply.error(Errno::EROFS);
+        }
     }
 
     fn mknod(&self, _: &Request, _: INodeNo, _: &OsStr, _: u32, _: u32, _: u32, reply: ReplyEntry) {
