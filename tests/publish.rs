@@ -319,6 +319,10 @@ async fn reads_leave_no_page_cache() {
             total += n;
         }
         assert_eq!(total as usize, 200 * 1024);
+        assert!(
+            cached_pages(&probe) > 0,
+            "sendfile should have used the page cache (test is blind otherwise)"
+        );
     }
     assert_eq!(settles_to_zero(&probe), 0, "sendfile() left pages cached");
 

@@ -11,9 +11,10 @@ use std::time::{Duration, SystemTime};
 
 use dashmap::{DashMap, DashSet};
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
-    Notifier, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, Notifier, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+    WriteFlags,
 };
 
 use super::access::{AuditLog, Caller, Ownership, Settings};
@@ -125,6 +126,9 @@ pub struct State {
     handles: DashMap<u64, Handle>,
     /// Handles the driver opened for writing, to signal a rotated file (see `touch_changed`).
     touches: DashSet<u64>,
+    /// Handles through which the kernel filled its page cache (see `read`): their inode's
+    /// cached pages are dropped when they are released.
+    cached: DashSet<u64>,
     next_fh: AtomicU64,
     notifier: OnceLock<Notifier>,
     settings: Settings,
@@ -171,6 +175,7 @@ impl State {
             retired: Mutex::new(VecDeque::new()),
             handles: DashMap::new(),
             touches: DashSet::new(),
+            cached: DashSet::new(),
             next_fh: AtomicU64::new(1),
             notifier: OnceLock::new(),
             settings,
@@ -369,6 +374,16 @@ fn invalidate_later(notifier: &Notifier, ino: u64) {
 pub struct VolumeFs(pub Arc<State>);
 
 impl Filesystem for VolumeFs {
+    /// Lets the kernel cache symlink targets: every symlink inode keeps its target for life
+    /// (top-level names always point at `..data/<name>`, and each version gets a `..data`
+    /// inode of its own), so an open through `name -> ..data/name -> ..<version>/name` costs
+    /// no READLINK round trips. Targets are layout, never secret bytes. (A resumed session's
+    /// synthetic INIT offers nothing; the kernel keeps what the first INIT agreed.)
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS);
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         if parent.0 == ROOT && name == DATA_TMP {
             let linked = self.0.tmp_linked.load(Ordering::SeqCst);
@@ -508,9 +523,16 @@ impl Filesystem for VolumeFs {
         offset: u64,
         size: u32,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        // The kernel names the reading process's lock owner on every direct-I/O read; a read
+        // without one fills the page cache (a private mmap faulting, or splice/sendfile, which
+        // FUSE serves from the page cache even for direct-I/O files). Remember the handle so
+        // that its release drops those pages.
+        if lock_owner.is_none() {
+            self.0.cached.insert(fh.0);
+        }
         // A handle opened under the previous driver process reads the current version.
         let Some(bytes) = self
             .0
@@ -544,7 +566,7 @@ impl Filesystem for VolumeFs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
@@ -552,12 +574,14 @@ impl Filesystem for VolumeFs {
         reply: ReplyEmpty,
     ) {
         self.0.touches.remove(&fh.0);
-        if let Some((_, handle)) = self.0.handles.remove(&fh.0) {
-            // A private mmap or sendfile of a direct-I/O file still fills the page cache; drop
-            // it once the handle (and with it every mapping) is gone.
-            if let Some(n) = self.0.notifier.get() {
-                invalidate_later(n, handle.ino);
-            }
+        self.0.handles.remove(&fh.0);
+        // Pages a private mmap or sendfile pulled into the cache go once the handle (and with
+        // it every mapping) is gone. Only such handles pay for it: the invalidation also drops
+        // the inode's cached attributes, which costs the next open a GETATTR.
+        if self.0.cached.remove(&fh.0).is_some()
+            && let Some(n) = self.0.notifier.get()
+        {
+            invalidate_later(n, ino.0);
         }
         reply.ok();
     }
