@@ -247,7 +247,7 @@ impl Manager {
             class = %class.name,
             provider = %class.provider,
             files = snapshot.files().len(),
-                        memory = snapshot.memory_kind().as_str(),
+            memory = snapshot.memory_kind().as_str(),
             reader_binding,
             fetch_ms = fetched.as_secs_f64() * 1e3,
             total_ms = started.elapsed().as_secs_f64() * 1e3,
