@@ -2,7 +2,8 @@
 //! unix socket, serving secrets described in a YAML file. `secretfs demo` and the integration
 //! tests use it; it stands in for Vault/Azure/GCP providers, which answer the same way.
 //!
-//! The file is read on every Mount call, so editing it changes what the next call returns:
+//! The file is read on every Mount call (and parsed again when its text changed), so editing it
+//! changes what the next call returns:
 //!
 //! ```yaml
 //! version: "3"          # object version reported for every file (default "1")
@@ -19,6 +20,7 @@
 //! `localhost`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use base64::Engine;
 use serde::Deserialize;
@@ -34,7 +36,7 @@ use crate::proto::provider::{
     VersionResponse,
 };
 
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 struct SecretsFile {
     #[serde(default)]
     version: Option<String>,
@@ -44,7 +46,7 @@ struct SecretsFile {
     files: Vec<Entry>,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 struct Entry {
     path: String,
     #[serde(default)]
@@ -62,6 +64,9 @@ struct Authority(String);
 pub struct ExampleProvider {
     secrets_file: PathBuf,
     echo_request: bool,
+    /// The file's last text and what it parsed to: an unchanged file is not parsed again
+    /// (parsing 10 files of 4 KiB took 0.6 ms, a fifth of a benchmarked publish).
+    parsed: Mutex<Option<(Zeroizing<String>, SecretsFile)>>,
 }
 
 impl ExampleProvider {
@@ -71,6 +76,7 @@ impl ExampleProvider {
         ExampleProvider {
             secrets_file: secrets_file.into(),
             echo_request,
+            parsed: Mutex::new(None),
         }
     }
 
@@ -79,8 +85,17 @@ impl ExampleProvider {
             Zeroizing::new(std::fs::read_to_string(&self.secrets_file).map_err(|e| {
                 Status::unavailable(format!("{}: {e}", self.secrets_file.display()))
             })?);
-        serde_norway::from_str(&text)
-            .map_err(|e| Status::invalid_argument(format!("{}: {e}", self.secrets_file.display())))
+        let mut parsed = self.parsed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((seen, spec)) = parsed.as_ref()
+            && seen.as_str() == text.as_str()
+        {
+            return Ok(spec.clone());
+        }
+        let spec: SecretsFile = serde_norway::from_str(&text).map_err(|e| {
+            Status::invalid_argument(format!("{}: {e}", self.secrets_file.display()))
+        })?;
+        *parsed = Some((text, spec.clone()));
+        Ok(spec)
     }
 
     fn echo(req: &MountRequest) -> File {
