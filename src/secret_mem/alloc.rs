@@ -15,14 +15,10 @@ pub struct ZeroizingAlloc;
 
 unsafe fn wipe(ptr: *mut u8, len: usize) {
     if len < UNMAPPED_ON_FREE {
-        // SAFETY: the caller owns `len` writable bytes at `ptr`. Volatile writes so the
-        // compiler cannot drop them as dead stores before the free.
-        unsafe {
-            for i in 0..len {
-                std::ptr::write_volatile(ptr.add(i), 0);
-            }
-        }
-        std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: the caller owns `len` writable bytes at `ptr`. glibc's explicit_bzero is a
+        // memset the compiler may not drop as a dead store before the free (a byte-wise
+        // volatile loop did the same at a fraction of the speed, on every free).
+        unsafe { libc::explicit_bzero(ptr.cast(), len) }
     }
 }
 
