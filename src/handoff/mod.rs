@@ -6,7 +6,7 @@
 //!   does the old process exit.
 //! - **Keeper** (crash, `kill -9`, OOM): `secretfs keeper` holds dups of the same fds (sent on
 //!   every publish and rotation, dropped on unpublish); a restarted driver takes them back.
-//! - **Neither**: the mounts of the dead process are found from `volumes.json` in the state dir
+//! - **Neither**: the mounts of the dead process are found from `volumes.log` in the state dir
 //!   and detached; kubelet's next publish mounts them afresh.
 //!
 //! After taking volumes from a process that is gone, the kernel is asked to re-deliver the FUSE
@@ -14,6 +14,7 @@
 //! metadata cross the sockets; the state dir holds volume ids and targets, nothing else.
 
 pub mod keeper;
+mod records;
 mod wire;
 
 use std::collections::BTreeMap;
@@ -30,7 +31,6 @@ use wire::Message;
 
 pub const HANDOFF_SOCKET: &str = "handoff.sock";
 pub const KEEPER_SOCKET: &str = "keeper.sock";
-const RECORDS: &str = "volumes.json";
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -64,24 +64,13 @@ pub enum Origin {
 pub struct Link {
     state_dir: PathBuf,
     keeper: Mutex<Option<OwnedFd>>,
-    records: Mutex<BTreeMap<String, PathBuf>>,
+    /// None until `start` has taken over or cleaned up what an earlier process left.
+    records: Mutex<Option<records::Records>>,
 }
 
 impl Link {
     fn keeper_path(&self) -> PathBuf {
         self.state_dir.join(KEEPER_SOCKET)
-    }
-
-    fn write_records(&self, records: &BTreeMap<String, PathBuf>) {
-        let path = self.state_dir.join(RECORDS);
-        let tmp = path.with_extension("tmp");
-        let result = serde_json::to_vec_pretty(records)
-            .map_err(std::io::Error::other)
-            .and_then(|body| std::fs::write(&tmp, body))
-            .and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(e) = result {
-            tracing::warn!(path = %path.display(), error = %e, "cannot record published volumes");
-        }
     }
 
     /// Sends to the keeper; on failure drops the connection (the maintenance task reconnects).
@@ -125,22 +114,15 @@ impl Link {
 
 impl Watcher for Link {
     fn saved(&self, record: &VolumeRecord, fds: &MountFds) {
-        {
-            let mut records = lock(&self.records);
-            if records.get(&record.volume_id) != Some(&record.target) {
-                records.insert(record.volume_id.clone(), record.target.clone());
-                self.write_records(&records);
-            }
+        if let Some(records) = lock(&self.records).as_mut() {
+            records.add(&record.volume_id, &record.target);
         }
         self.to_keeper(&Message::Volume(Box::new(record.clone())), &fds_of(fds));
     }
 
     fn forgotten(&self, volume_id: &str) {
-        {
-            let mut records = lock(&self.records);
-            if records.remove(volume_id).is_some() {
-                self.write_records(&records);
-            }
+        if let Some(records) = lock(&self.records).as_mut() {
+            records.remove(volume_id);
         }
         self.to_keeper(
             &Message::Forget {
@@ -239,17 +221,13 @@ pub async fn start(manager: &Arc<Manager>, state_dir: &Path) -> Origin {
     let link = Arc::new(Link {
         state_dir: state_dir.to_path_buf(),
         keeper: Mutex::new(None),
-        records: Mutex::new(BTreeMap::new()),
+        records: Mutex::new(None),
     });
     let rt = Handle::current();
     let origin = tokio::task::spawn_blocking({
         let (manager, link) = (Arc::clone(manager), Arc::clone(&link));
         move || {
-            let previous: BTreeMap<String, PathBuf> =
-                std::fs::read(state_dir_file(&link.state_dir))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice(&b).ok())
-                    .unwrap_or_default();
+            let previous = records::load(&link.state_dir);
             let origin = match from_predecessor(&link.state_dir, &manager, &rt) {
                 Some(Ok(n)) => Origin::Predecessor(n),
                 Some(Err(e)) => {
@@ -278,8 +256,7 @@ pub async fn start(manager: &Arc<Manager>, state_dir: &Path) -> Origin {
                 .filter(|(id, _)| !served.contains_key(id))
                 .collect();
             let detached = detach_stale(&stale);
-            *lock(&link.records) = served;
-            link.write_records(&lock(&link.records));
+            *lock(&link.records) = Some(records::Records::create(&link.state_dir, served));
             match origin {
                 Origin::Fresh(_) => Origin::Fresh(detached),
                 other => other,
@@ -306,10 +283,6 @@ pub async fn start(manager: &Arc<Manager>, state_dir: &Path) -> Origin {
     }
     listen_for_successor(Arc::clone(manager), state_dir);
     origin
-}
-
-fn state_dir_file(state_dir: &Path) -> PathBuf {
-    state_dir.join(RECORDS)
 }
 
 /// Serves `handoff.sock`: a successor that asks gets every volume, then this process exits.

@@ -17,7 +17,11 @@ fn target_err(path: &Path, reason: impl Into<String>) -> Error {
 /// Makes `target` an empty directory ready to mount on; returns whether this call created it.
 /// A secretfs mount left there by an earlier driver process (not in the registry) is detached.
 pub fn prepare(target: &Path) -> Result<bool, Error> {
-    match mount_at(target) {
+    // kubelet creates only the parent: a target that does not exist is no mount point, and
+    // the mount table (hundreds of entries on a busy node) need not be read.
+    let missing =
+        std::fs::symlink_metadata(target).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound);
+    match if missing { None } else { mount_at(target) } {
         Some(m) if m.is_secretfs() => {
             tracing::warn!(target = %target.display(), "detaching a stale secretfs mount left by an earlier driver process");
             detach(target)
