@@ -208,6 +208,52 @@ async fn no_copy_of_a_secret_in_driver_memory_or_on_disk() {
     );
 }
 
+/// Service-account tokens (volume context) and nodePublishSecretRef contents (`secrets`) are
+/// secrets too: the driver keeps them for refreshes while the volume is published, and no copy
+/// may outlive the unpublish — not in its own structures, not in the CSI connection's buffers
+/// (a fresh connection per call, as kubelet makes them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_copy_of_tokens_or_request_secrets_after_unpublish() {
+    let (token, secret) = (marker("TOKEN"), marker("PUBSECRET"));
+    let Some(env) = Env::start_with(&store(1, &marker("FILE")), &[], false) else {
+        return;
+    };
+    let target = env.target("pod-tok");
+    let mut req = common::publish_request("vol-tok", &target, "app");
+    req.volume_context.insert(
+        "csi.storage.k8s.io/serviceAccount.tokens".into(),
+        format!(
+            r#"{{"vault":{{"token":"{token}","expirationTimestamp":"2030-01-01T00:00:00Z"}}}}"#
+        ),
+    );
+    req.secrets.insert("password".into(), secret.clone());
+    env.node()
+        .await
+        .node_publish_volume(req.clone())
+        .await
+        .expect("publish");
+    // kubelet republishes with fresh tokens; the driver keeps the newest.
+    env.node()
+        .await
+        .node_publish_volume(req)
+        .await
+        .expect("republish");
+    let pid = env.driver_pid();
+    // While published the driver holds both (for the next refresh), so the scan can see them.
+    let (held, _) = scan_memory(pid, &[&token, &secret]);
+    assert!(
+        held.iter().all(|&c| c > 0),
+        "tokens and secrets not found while published: {held:?} (the test would be blind)"
+    );
+    env.unpublish("vol-tok", &target).await.expect("unpublish");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_not_in_memory(
+        pid,
+        &[&token, &secret],
+        "tokens and secrets after unpublish",
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mlock_fallback_is_used_and_reported_when_asked_for() {
     let secret = marker("LOCKED");
