@@ -88,18 +88,14 @@ async fn classes_from_the_api_cache_with_a_get_on_a_miss_and_pod_statuses() {
     api.deliver_watch_events(false);
     api.put_class("default", "late", PROVIDER, &[("role", "late")]);
     let late = env.target("pod-k2");
-    env.node()
-        .await
-        .node_publish_volume(publish_request("vol-k2", &late, "late"))
+    env.send_publish(publish_request("vol-k2", &late, "late"))
         .await
         .expect("publish with a class the cache has not seen");
     assert_eq!(echo(&late)["attributes"]["role"], "late");
     assert_eq!(gets_of(&api, "late"), 1);
 
     let missing = env
-        .node()
-        .await
-        .node_publish_volume(publish_request("vol-k3", &env.target("pod-k3"), "nope"))
+        .send_publish(publish_request("vol-k3", &env.target("pod-k3"), "nope"))
         .await
         .expect_err("unknown class");
     assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
@@ -192,11 +188,7 @@ async fn service_account_tokens_reach_the_provider_from_context_or_secrets() {
     let mut req = publish_request("vol-t1", &in_context, "app");
     req.volume_context.insert(TOKENS.into(), tokens.into());
     req.secrets.insert("clientid".into(), "abc".into());
-    env.node()
-        .await
-        .node_publish_volume(req)
-        .await
-        .expect("publish");
+    env.send_publish(req).await.expect("publish");
     let sent = echo(&in_context);
     assert_eq!(sent["attributes"][TOKENS], tokens);
     assert_eq!(
@@ -209,11 +201,7 @@ async fn service_account_tokens_reach_the_provider_from_context_or_secrets() {
     let in_secrets = env.target("pod-t2");
     let mut req = publish_request("vol-t2", &in_secrets, "app");
     req.secrets.insert(TOKENS.into(), tokens.into());
-    env.node()
-        .await
-        .node_publish_volume(req)
-        .await
-        .expect("publish");
+    env.send_publish(req).await.expect("publish");
     let sent = echo(&in_secrets);
     assert_eq!(sent["attributes"][TOKENS], tokens);
     assert!(sent["secrets"].get(TOKENS).is_none(), "{sent}");

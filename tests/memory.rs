@@ -227,17 +227,9 @@ async fn no_copy_of_tokens_or_request_secrets_after_unpublish() {
         ),
     );
     req.secrets.insert("password".into(), secret.clone());
-    env.node()
-        .await
-        .node_publish_volume(req.clone())
-        .await
-        .expect("publish");
+    env.send_publish(req.clone()).await.expect("publish");
     // kubelet republishes with fresh tokens; the driver keeps the newest.
-    env.node()
-        .await
-        .node_publish_volume(req)
-        .await
-        .expect("republish");
+    env.send_publish(req).await.expect("republish");
     let pid = env.driver_pid();
     // While published the driver holds both (for the next refresh), so the scan can see them.
     let (held, _) = scan_memory(pid, &[&token, &secret]);

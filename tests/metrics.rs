@@ -25,9 +25,7 @@ async fn metrics_count_publishes_errors_rotations_and_memory() {
     env.publish("vol-m", &target).await.expect("publish");
     env.publish("vol-m", &target).await.expect("republish");
     let err = env
-        .node()
-        .await
-        .node_publish_volume(publish_request("vol-x", &env.target("pod-x"), "missing"))
+        .send_publish(publish_request("vol-x", &env.target("pod-x"), "missing"))
         .await;
     assert!(err.is_err());
     env.write_secrets(&store(2));

@@ -491,11 +491,7 @@ async fn secrets_from_the_request_reach_the_provider_as_json() {
     let mut req = publish_request("vol-s", &target, "app");
     req.secrets.insert("clientid".into(), "id-1".into());
     req.secrets.insert("clientsecret".into(), "s\"ecret".into());
-    env.node()
-        .await
-        .node_publish_volume(req)
-        .await
-        .expect("publish");
+    env.send_publish(req).await.expect("publish");
     let sent: serde_json::Value =
         serde_json::from_slice(&std::fs::read(target.join("request.json")).expect("read echo"))
             .expect("json");

@@ -337,11 +337,13 @@ impl Env {
     }
 
     pub async fn publish(&self, volume_id: &str, target: &Path) -> Result<(), tonic::Status> {
-        self.node()
+        self.send_publish(publish_request(volume_id, target, "app"))
             .await
-            .node_publish_volume(publish_request(volume_id, target, "app"))
-            .await
-            .map(|_| ())
+    }
+
+    /// Sends `req` over a fresh CSI connection, as kubelet does for every call.
+    pub async fn send_publish(&self, req: NodePublishVolumeRequest) -> Result<(), tonic::Status> {
+        self.node().await.node_publish_volume(req).await.map(|_| ())
     }
 
     pub async fn unpublish(&self, volume_id: &str, target: &Path) -> Result<(), tonic::Status> {
